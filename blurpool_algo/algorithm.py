@@ -1,0 +1,137 @@
+"""The Composer algorithm: anti-alias the model's subsampling layers at ``Event.INIT``.
+
+Checkpoints: Composer records each algorithm as ``(type(algo).__qualname__, {'repr': repr(algo)})`` and, when a
+checkpoint is loaded into a Trainer that lacks a ``required_on_load`` algorithm, rebuilds it with
+``eval("composer.algorithms." + repr)``. A plain ``BlurPool(...)`` repr would therefore rebuild *Composer's* BlurPool
+(a different surgery) from our checkpoints. This algorithm's repr is fully qualified, ``blurpool_algo.BlurPool(...)``,
+and importing this module makes ``composer.algorithms.blurpool_algo`` name this package, so the autoload rebuilds this
+algorithm; in a process that never imported ``blurpool_algo`` the rebuild fails and Composer warns, naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import composer.algorithms
+from composer.algorithms.warnings import NoEffectWarning
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+
+from blurpool_algo.surgery import BlurPoolOptions, BlurPoolReport, apply_blurpool, validate_options
+
+__all__ = ["BlurPool"]
+
+log = logging.getLogger(__name__)
+
+_PACKAGE = __name__.split(".")[0]
+
+
+def _register_for_checkpoint_autoload() -> None:
+    """Makes ``composer.algorithms.<package>`` resolve to this package (see the module docstring)."""
+    if not hasattr(composer.algorithms, _PACKAGE):
+        setattr(composer.algorithms, _PACKAGE, sys.modules[_PACKAGE])
+
+
+class BlurPool(Algorithm):
+    """Anti-aliases a model's strided convolutions and pools (Zhang, ICML 2019) at ``Event.INIT``.
+
+    Each strided ``nn.Conv2d`` / ``nn.MaxPool2d`` (and, optionally, ``nn.AvgPool2d``) is replaced by a layer that
+    low-pass filters with a binomial filter before subsampling, so that a small shift of the input changes the
+    prediction less. The defaults compute exactly what ``composer.algorithms.BlurPool()`` computes, while keeping
+    the model's parameters, state-dict keys, dtype, padding mode and ``torch.compile`` graph intact.
+
+    Runs on ``Event.INIT``, before the optimizer sees the model; the surgery reuses every Parameter object, so the
+    optimizer stays valid. Logs the replaced-layer counts as hyperparameters and warns with ``NoEffectWarning`` when
+    nothing was replaced.
+
+    Args:
+        replace_convs: replace strided ``nn.Conv2d`` layers by :class:`~blurpool_algo.BlurConv2d`.
+        replace_maxpools: replace strided ``nn.MaxPool2d`` layers by :class:`~blurpool_algo.BlurMaxPool2d`.
+        blur_first: blur before the strided conv (True, cheap) or run the conv at stride 1 and blur-subsample its
+            output (False, about ``stride**2`` times the conv's compute, closer to the paper).
+        min_channels: skip convs with fewer input channels (keeps the RGB stem conv as it is).
+        filter_size: binomial filter size, >= 1: 3 is ``[1, 2, 1]/4`` (Composer's), 4 the paper's default.
+        pad_mode: the blur's padding: ``'zeros'`` (Composer's), ``'reflect'`` (the paper's), ``'replicate'``,
+            ``'circular'``.
+        replace_avgpools: also replace strided ``nn.AvgPool2d`` layers by :class:`~blurpool_algo.BlurAvgPool2d`.
+        exclude: fnmatch patterns of module names to leave alone, e.g. ``['layer4.*']``.
+
+    Example:
+        >>> from composer import Trainer
+        >>> trainer = Trainer(model=model, algorithms=[BlurPool(blur_first=True)], ...)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        replace_convs: bool = True,
+        replace_maxpools: bool = True,
+        blur_first: bool = True,
+        min_channels: int = 16,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+        replace_avgpools: bool = False,
+        exclude: Sequence[str] = (),
+    ) -> None:
+        self.options: BlurPoolOptions = validate_options(
+            replace_convs=replace_convs, replace_maxpools=replace_maxpools, blur_first=blur_first,
+            min_channels=min_channels, filter_size=filter_size, pad_mode=pad_mode, replace_avgpools=replace_avgpools,
+            exclude=exclude,
+        )  # fmt: skip
+        #: The report of the last surgery this algorithm did (None before ``Event.INIT``).
+        self.report: BlurPoolReport | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # The options read as attributes (``algo.blur_first``), like Composer's BlurPool.
+        options = self.__dict__.get("options")
+        if options is not None and name in BlurPoolOptions.__dataclass_fields__:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self.options, name)!r}" for name in BlurPoolOptions.__dataclass_fields__)
+        return f"{_PACKAGE}.{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlurPool) and other.options == self.options
+
+    def __hash__(self) -> int:
+        return hash(self.options)
+
+    @staticmethod
+    def required_on_load() -> bool:
+        return True
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.INIT
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        assert state.model is not None, "BlurPool needs state.model at Event.INIT"
+        self.report = apply_blurpool(state.model, optimizers=state.optimizers, **vars(self.options))
+        counts = self.report.counts()
+        log.info("Applied %r to %s.\n%s", self, type(state.model).__name__, self.report)
+        logger.log_hyperparameters(
+            {
+                f"blurpool/{name}": value
+                for name, value in {
+                    **counts,
+                    # Composer's name for the max-pool count, so dashboards built on its BlurPool keep working.
+                    "num_blurpool_layers": counts["num_blurmaxpool_layers"],
+                }.items()
+            }
+        )
+        if not self.report.changed:
+            warnings.warn(
+                NoEffectWarning(
+                    f"{self!r} replaced no layer of {type(state.model).__name__}: it has no strided nn.Conv2d with "
+                    f">= {self.options.min_channels} input channels and no strided pool of an enabled kind. "
+                    f"Skipped modules:\n{self.report}"
+                ),
+                stacklevel=2,
+            )
+
+
+_register_for_checkpoint_autoload()
