@@ -10,6 +10,7 @@ algorithm; in a process that never imported ``blurpool_algo`` the rebuild fails 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import warnings
@@ -58,7 +59,8 @@ class BlurPool(Algorithm):
         pad_mode: the blur's padding: ``'zeros'`` (Composer's), ``'reflect'`` (the paper's), ``'replicate'``,
             ``'circular'``.
         replace_avgpools: also replace strided ``nn.AvgPool2d`` layers by :class:`~blurpool_algo.BlurAvgPool2d`.
-        exclude: fnmatch patterns of module names to leave alone, e.g. ``['layer4.*']``.
+        exclude: fnmatch patterns of module names to leave alone, e.g. ``['layer4.*']``; names are those of your
+            network (``model.module`` of a ComposerClassifier) or of the whole ComposerModel (``module.layer4.*``).
 
     Example:
         >>> from composer import Trainer
@@ -110,7 +112,13 @@ class BlurPool(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         assert state.model is not None, "BlurPool needs state.model at Event.INIT"
-        self.report = apply_blurpool(state.model, optimizers=state.optimizers, **vars(self.options))
+        # In a Trainer the network sits inside the ComposerModel (``module.layer4...``); users write names relative
+        # to their network (``layer4.*``), so each pattern also applies under each of the wrapper's children.
+        exclude = self.options.exclude + tuple(
+            f"{child}.{pattern}" for child, _ in state.model.named_children() for pattern in self.options.exclude
+        )
+        options = dataclasses.replace(self.options, exclude=exclude)
+        self.report = apply_blurpool(state.model, optimizers=state.optimizers, **vars(options))
         counts = self.report.counts()
         log.info("Applied %r to %s.\n%s", self, type(state.model).__name__, self.report)
         logger.log_hyperparameters(

@@ -1,0 +1,195 @@
+"""Model-level export of blurred torchvision ResNets: torch.compile (no graph breaks), TorchScript, torch.fx, ONNX.
+
+References: the eager blurred model itself, and Composer's built-in BlurPool, which does break the graph (so the
+graph-break test is shown to detect breaks).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import warnings
+
+import composer.algorithms.blurpool as composer_blurpool
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+import torch._dynamo
+import torch.fx
+import torchvision
+from torch import nn
+
+from blurpool_algo import apply_blurpool
+
+#: (architecture, surgery options): defaults, the paper's placement/filter/padding, and every pad mode.
+COMBOS = [
+    ("resnet50", {}),
+    ("resnet50", {"blur_first": False, "filter_size": 4, "pad_mode": "reflect"}),
+    ("resnet18", {"blur_first": False}),
+    ("resnet18", {"filter_size": 4, "min_channels": 0}),
+    ("resnet18", {"pad_mode": "reflect"}),
+    ("resnet18", {"pad_mode": "circular", "filter_size": 4, "blur_first": False}),
+    ("resnet18", {"pad_mode": "replicate", "filter_size": 5}),
+]
+
+
+def combo_id(combo: tuple[str, dict]) -> str:
+    arch, options = combo
+    return "-".join([arch, *(f"{k}={v}" for k, v in options.items())]) if options else f"{arch}-defaults"
+
+
+COMBO_IDS = [combo_id(c) for c in COMBOS]
+#: The slower exports run ResNet-50 with the defaults only; ResNet-18 covers the other options.
+LIGHT = [i for i, (arch, options) in enumerate(COMBOS) if arch == "resnet18" or not options]
+LIGHT_COMBOS, LIGHT_IDS = [COMBOS[i] for i in LIGHT], [COMBO_IDS[i] for i in LIGHT]
+
+
+@functools.cache
+def _baseline(arch: str) -> nn.Module:
+    """Seeded torchvision model (no weights), BatchNorm statistics calibrated on one batch so outputs are O(1)."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1000)))
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()
+
+
+def blurred(arch: str, options: dict) -> tuple[nn.Module, set[str]]:
+    """A blurred eval-mode copy of the baseline and the names of the replaced modules."""
+    model = copy.deepcopy(_baseline(arch))
+    report = apply_blurpool(model, **options)
+    assert report.num_replaced >= 7
+    return model, {d.name for d in report.replaced}
+
+
+def make_input(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [COMBOS[0], COMBOS[2], COMBOS[5]],
+    ids=[COMBO_IDS[0], COMBO_IDS[2], COMBO_IDS[5]],
+)
+def test_no_graph_breaks(arch: str, options: dict, fresh_dynamo) -> None:
+    model, _ = blurred(arch, options)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(make_input(1, 3, 64, 64))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_composer_reference_breaks_the_graph(fresh_dynamo) -> None:
+    """Composer's built-in BlurPool breaks the graph (``int(torch.div(...))``): the test above can see breaks."""
+    model = copy.deepcopy(_baseline("resnet50"))
+    composer_blurpool.apply_blurpool(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explanation = torch._dynamo.explain(model)(make_input(1, 3, 64, 64))
+    print(f"Composer BlurPool resnet50 graph breaks: {explanation.graph_break_count}")
+    assert explanation.graph_break_count > 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [COMBOS[0], COMBOS[2], COMBOS[3], COMBOS[5]],
+    ids=[COMBO_IDS[0], COMBO_IDS[2], COMBO_IDS[3], COMBO_IDS[5]],
+)
+def test_compile_matches_eager(arch: str, options: dict, fresh_dynamo) -> None:
+    model, _ = blurred(arch, options)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = make_input(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+# ------------------------------------------------------------------------------------------------------ TorchScript
+
+
+@pytest.mark.parametrize(("arch", "options"), LIGHT_COMBOS, ids=LIGHT_IDS)
+def test_jit_script_matches_eager(arch: str, options: dict) -> None:
+    model, _ = blurred(arch, options)
+    scripted = torch.jit.script(model)
+    # Also through a save/load round trip, as deployments use it.
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = make_input(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(2):  # the profiling executor optimizes from the second call on
+            torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scripted(make_input(1, 3, 80, 96)), model(make_input(1, 3, 80, 96)))
+
+
+# -------------------------------------------------------------------------------------------------------- torch.fx
+
+
+@pytest.mark.parametrize(("arch", "options"), COMBOS, ids=COMBO_IDS)
+def test_fx_symbolic_trace_matches_eager(arch: str, options: dict) -> None:
+    model, replaced = blurred(arch, options)
+    traced = torch.fx.symbolic_trace(model)
+    get_attrs = {node.target for node in traced.graph.nodes if node.op == "get_attr"}
+    assert {t for t in get_attrs if t.endswith("blur_filter")} == {f"{name}.blur_filter" for name in replaced}
+    for size in [(2, 3, 64, 64), (1, 3, 72, 88)]:
+        x = make_input(*size)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------ ONNX
+
+
+@pytest.mark.parametrize(("arch", "options"), LIGHT_COMBOS, ids=LIGHT_IDS)
+def test_onnx_dynamic_axes(arch: str, options: dict) -> None:
+    model, _ = blurred(arch, options)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (make_input(1, 3, 64, 64),),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(proto)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
+
+    session_options = onnxruntime.SessionOptions()
+    session_options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(buffer.getvalue(), session_options, providers=["CPUExecutionProvider"])
+    for shape in [(3, 3, 96, 80), (2, 3, 72, 72)]:
+        x = make_input(*shape, seed=1)
+        (logits,) = session.run(None, {"image": x.numpy()})
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert logits.shape == expected.shape
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,596 @@
+"""Tests of ``blurpool_algo.surgery.apply_blurpool``: which modules are replaced, by what, and what stays intact.
+
+References are independent of this package: Composer's built-in BlurPool (``composer.algorithms.blurpool``), the
+unmodified torchvision model, torch's own layers and model invariants (parameter identity, state-dict keys, modes).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import socket
+
+import composer.algorithms.blurpool as composer_blurpool
+import pytest
+import torch
+import torch.distributed as dist
+import torchvision
+from composer.algorithms.blurpool import blurpool_layers as composer_layers
+from torch import nn
+
+from blurpool_algo import BlurAvgPool2d, BlurConv2d, BlurMaxPool2d, BlurPoolReport, apply_blurpool
+
+BLUR_TYPES = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d)
+COMPOSER_BLUR_TYPES = (composer_layers.BlurConv2d, composer_layers.BlurMaxPool2d)
+CANDIDATE_TYPES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+#: What Composer's documentation and source say its BlurPool does to torchvision's ResNet-50.
+RESNET50_CONVS = {f"layer{i}.0.{name}" for i in (2, 3, 4) for name in ("conv2", "downsample.0")}
+RESNET50_MAXPOOLS = {"maxpool"}
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def _baseline(arch: str, seed: int = 0) -> nn.Module:
+    """A seeded torchvision model (no weights) whose BatchNorm statistics are calibrated on one random batch.
+
+    With torchvision's default init and running_var = 1, MobileNetV2's activations shrink ~10x per block (its logits
+    are ~1e-9), which would make any output comparison vacuous; calibrated statistics keep every model's outputs O(1).
+    """
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)(weights=None)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: after one batch, the running stats are that batch's
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 1000)))
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()
+
+
+def make_model(arch: str, seed: int = 0) -> nn.Module:
+    return copy.deepcopy(_baseline(arch, seed))
+
+
+def make_input(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def blurred_names(model: nn.Module, types=BLUR_TYPES) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, types)}
+
+
+def candidate_names(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, CANDIDATE_TYPES)}
+
+
+def structure(model: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(module)) for name, module in model.named_modules()]
+
+
+def binomial_row(n: int) -> list[int]:
+    row = [1]
+    for _ in range(n):
+        row = [a + b for a, b in zip([0, *row], [*row, 0], strict=True)]
+    return row
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SameConv(nn.Conv2d):
+    """A conv subclass with its own forward ("same"-style padding computed at call time), as users write them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+class SharedConvModel(nn.Module):
+    """One strided conv registered under two names (``a`` and ``b``), plus in two containers (``seq1``, ``seq2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.a = conv
+        self.b = conv
+        other = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.seq1 = nn.Sequential(other, nn.ReLU())
+        self.seq2 = nn.Sequential(nn.Identity(), other)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq2(self.seq1(self.b(self.a(x))))
+
+
+# ------------------------------------------------------------------------------------------------ Composer parity
+
+
+@pytest.mark.parametrize("blur_first", [True, False])
+def test_resnet50_matches_composer(blur_first: bool) -> None:
+    baseline = make_model("resnet50")
+    ours, theirs = copy.deepcopy(baseline), copy.deepcopy(baseline)
+    report = apply_blurpool(ours, blur_first=blur_first)
+    composer_blurpool.apply_blurpool(theirs, blur_first=blur_first)
+
+    # Exactly Composer's placement: 1 BlurMaxPool2d + 6 BlurConv2d.
+    assert blurred_names(ours, BlurMaxPool2d) == RESNET50_MAXPOOLS
+    assert blurred_names(ours, BlurConv2d) == RESNET50_CONVS
+    assert blurred_names(theirs, composer_layers.BlurMaxPool2d) == RESNET50_MAXPOOLS
+    assert blurred_names(theirs, composer_layers.BlurConv2d) == RESNET50_CONVS
+    assert (report.num_blurmaxpool_layers, report.num_blurconv_layers, report.num_bluravgpool_layers) == (1, 6, 0)
+    assert {d.name for d in report.replaced} == RESNET50_CONVS | RESNET50_MAXPOOLS
+    assert all(ours.get_submodule(n).blur_first is blur_first for n in RESNET50_CONVS)
+
+    # The RGB stem is skipped because 3 < min_channels.
+    stem = next(d for d in report.skipped if d.name == "conv1")
+    assert "min_channels" in stem.reason
+    assert type(ours.conv1) is nn.Conv2d
+
+    x = make_input(1, 3, 64, 64)
+    with torch.no_grad():
+        out_ours, out_theirs, out_base = ours(x), theirs(x), baseline(x)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-4, atol=1e-4)
+    # The comparison is not vacuous: blurring changes the network's output.
+    assert (out_ours - out_base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("blur_first", [True, False])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_matches_composer_outputs(arch: str, blur_first: bool) -> None:
+    baseline = make_model(arch)
+    ours, theirs = copy.deepcopy(baseline), copy.deepcopy(baseline)
+    report = apply_blurpool(ours, blur_first=blur_first)
+    composer_blurpool.apply_blurpool(theirs, blur_first=blur_first)
+
+    names_ours, names_theirs = blurred_names(ours), blurred_names(theirs, COMPOSER_BLUR_TYPES)
+    assert names_ours == names_theirs
+    assert names_ours, "the surgery replaced nothing"
+    for name in names_ours:
+        assert type(ours.get_submodule(name)).__name__ == type(theirs.get_submodule(name)).__name__
+    assert {d.name for d in report.replaced} == names_ours
+    if arch == "mobilenet_v2":
+        # MobileNetV2's strided convs are depthwise (groups == channels).
+        assert any(ours.get_submodule(n).groups > 1 for n in names_ours)
+
+    x = make_input(2, 3, 64, 64, seed=3)
+    with torch.no_grad():
+        out_ours, out_theirs, out_base = ours(x), theirs(x), baseline(x)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-4, atol=1e-4)
+    assert (out_ours - out_base).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_report_lists_every_candidate(arch: str) -> None:
+    model = make_model(arch)
+    original_types = {name: type(module).__name__ for name, module in model.named_modules()}
+    candidates = candidate_names(model)
+    report = apply_blurpool(model)
+
+    assert isinstance(report, BlurPoolReport)
+    replaced = [d.name for d in report.replaced]
+    skipped = [d.name for d in report.skipped]
+    assert len(replaced) + len(skipped) == len(candidates)
+    assert set(replaced) | set(skipped) == candidates
+    assert not set(replaced) & set(skipped)
+    assert set(replaced) == blurred_names(model)
+    for decision in report.replaced + report.skipped:
+        assert isinstance(decision.reason, str) and decision.reason.strip()
+        assert decision.original == original_types[decision.name]
+    for decision in report.replaced:
+        assert decision.replacement == type(model.get_submodule(decision.name)).__name__
+    assert all(d.replacement is None for d in report.skipped)
+
+    counts = report.counts()
+    assert set(counts) == {
+        "num_blurconv_layers",
+        "num_blurmaxpool_layers",
+        "num_bluravgpool_layers",
+        "num_skipped_layers",
+    }
+    assert counts["num_blurconv_layers"] == len(blurred_names(model, BlurConv2d))
+    assert counts["num_blurmaxpool_layers"] == len(blurred_names(model, BlurMaxPool2d))
+    assert counts["num_bluravgpool_layers"] == len(blurred_names(model, BlurAvgPool2d))
+    assert counts["num_skipped_layers"] == len(candidates) - len(blurred_names(model))
+    assert report.num_replaced == len(replaced) and report.changed
+
+    text = str(report)
+    for name in candidates:
+        assert name in text
+
+
+# ------------------------------------------------------------------------------------ parameters and state dicts
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"blur_first": False}, {"min_channels": 0, "filter_size": 4, "pad_mode": "reflect"}],
+    ids=["defaults", "blur_last", "stem_fs4_reflect"],
+)
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_state_dict_and_parameters(arch: str, options: dict) -> None:
+    model = make_model(arch)
+    baseline_keys = set(model.state_dict())
+    param_ids = [id(p) for p in model.parameters()]
+    param_names = [n for n, _ in model.named_parameters()]
+
+    report = apply_blurpool(model, **options)
+    replaced = {d.name for d in report.replaced}
+    assert replaced
+
+    assert set(model.state_dict()) == baseline_keys | {f"{name}.blur_filter" for name in replaced}
+    assert [id(p) for p in model.parameters()] == param_ids
+    assert [n for n, _ in model.named_parameters()] == param_names
+
+    # A baseline checkpoint (other weights) loads strictly, and gives what blurring that baseline gives.
+    other = make_model(arch, seed=1)
+    result = model.load_state_dict(other.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for (name, p), (_, q) in zip(model.named_parameters(), other.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    apply_blurpool(other, **options)
+    x = make_input(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
+
+    # A blurred checkpoint round-trips into a blurred model but refuses to load strictly into a baseline one.
+    copy.deepcopy(model).load_state_dict(model.state_dict(), strict=True)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        make_model(arch).load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("as_sequence", [False, True], ids=["optimizer", "list"])
+def test_optimizer_built_before_surgery_still_updates(as_sequence: bool) -> None:
+    model = make_model("resnet18").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    report = apply_blurpool(model, optimizers=[opt] if as_sequence else opt)
+    assert report.num_blurconv_layers == 6
+
+    conv = model.layer2[0].conv1
+    assert isinstance(conv, BlurConv2d)
+    optimized = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+
+    before = conv.weight.detach().clone()
+    x = make_input(2, 3, 64, 64)
+    model(x).square().mean().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(conv.weight.detach(), before)
+    torch.testing.assert_close(conv.weight.detach(), before - 0.1 * conv.weight.grad)
+
+
+# --------------------------------------------------------------------------------------------- exact classes only
+
+
+def test_only_exact_classes_with_stride_are_replaced() -> None:
+    model = nn.ModuleDict(
+        {
+            "same_conv": SameConv(16, 16, 3, stride=2),
+            "indices_pool": nn.MaxPool2d(2, return_indices=True),
+            "conv_s1": nn.Conv2d(16, 16, 3, padding=1),
+            "maxpool_s1": nn.MaxPool2d(3, stride=1, padding=1),
+            "avgpool_s1": nn.AvgPool2d(3, stride=1, padding=1),
+            "plain_conv": nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        }
+    )
+    before = dict(model.items())
+    report = apply_blurpool(model, replace_avgpools=True)
+
+    assert [d.name for d in report.replaced] == ["plain_conv"]
+    assert isinstance(model["plain_conv"], BlurConv2d)
+    reasons = {d.name: d.reason for d in report.skipped}
+    assert set(reasons) == {"same_conv", "indices_pool", "conv_s1", "maxpool_s1", "avgpool_s1"}
+    assert "subclass" in reasons["same_conv"] and "SameConv" in reasons["same_conv"]
+    assert "return_indices" in reasons["indices_pool"]
+    for name in ("conv_s1", "maxpool_s1", "avgpool_s1"):
+        assert "stride 1" in reasons[name]
+    for name in reasons:
+        assert model[name] is before[name]
+
+    # Composer's version does blur a stride-1 max pool; ours must not.
+    reference = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1))
+    composer_blurpool.apply_blurpool(reference)
+    assert isinstance(reference[0], composer_layers.BlurMaxPool2d)
+
+
+# --------------------------------------------------------------------------------------------------------- options
+
+
+def test_replace_convs_false() -> None:
+    model = make_model("resnet50")
+    report = apply_blurpool(model, replace_convs=False)
+    assert blurred_names(model) == RESNET50_MAXPOOLS
+    reasons = {d.name: d.reason for d in report.skipped}
+    assert all("replace_convs=False" in reasons[n] for n in RESNET50_CONVS)
+
+
+def test_replace_maxpools_false() -> None:
+    model = make_model("resnet50")
+    report = apply_blurpool(model, replace_maxpools=False)
+    assert blurred_names(model) == RESNET50_CONVS
+    assert type(model.maxpool) is nn.MaxPool2d
+    assert "replace_maxpools=False" in next(d.reason for d in report.skipped if d.name == "maxpool")
+
+
+@pytest.mark.parametrize("replace_avgpools", [False, True])
+def test_replace_avgpools(replace_avgpools: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(16, 8, 3)).eval()
+    baseline = copy.deepcopy(model)
+    report = apply_blurpool(model, replace_avgpools=replace_avgpools)
+    x = make_input(2, 3, 33, 30)
+    with torch.no_grad():
+        out, ref = model(x), baseline(x)
+    assert out.shape == ref.shape
+    if replace_avgpools:
+        assert isinstance(model[2], BlurAvgPool2d)
+        assert report.counts()["num_bluravgpool_layers"] == 1
+        assert not torch.allclose(out, ref)
+    else:
+        assert type(model[2]) is nn.AvgPool2d
+        assert "replace_avgpools=False" in next(d.reason for d in report.skipped if d.name == "2")
+        assert torch.equal(out, ref)
+
+
+def test_min_channels_zero_replaces_stem() -> None:
+    model = make_model("resnet50")
+    report = apply_blurpool(model, min_channels=0)
+    assert blurred_names(model, BlurConv2d) == RESNET50_CONVS | {"conv1"}
+    assert report.num_blurconv_layers == 7
+    x = make_input(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("exclude", [["layer4.*"], "layer4.*", ("layer4.0.conv2", "layer4.0.downsample*")])
+def test_exclude(exclude) -> None:
+    model = make_model("resnet50")
+    report = apply_blurpool(model, exclude=exclude)
+    layer4 = {n for n in RESNET50_CONVS if n.startswith("layer4")}
+    assert blurred_names(model) == (RESNET50_CONVS - layer4) | RESNET50_MAXPOOLS
+    assert not blurred_names(model.layer4)
+    reasons = {d.name: d.reason for d in report.skipped}
+    assert all("exclude" in reasons[n] for n in layer4)
+
+
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("filter_size", [2, 4, 5])
+def test_filter_size_and_pad_mode_reach_layers(filter_size: int, pad_mode: str) -> None:
+    model = make_model("resnet18")
+    apply_blurpool(model, filter_size=filter_size, pad_mode=pad_mode)
+    taps = torch.tensor([float(c) for c in binomial_row(filter_size - 1)]) / 2 ** (filter_size - 1)
+    expected = torch.outer(taps, taps)
+    layers = [model.get_submodule(n) for n in blurred_names(model)]
+    assert len(layers) == 7
+    for layer in layers:
+        assert layer.filter_size == filter_size
+        assert layer.pad_mode == pad_mode
+        assert layer.blur_filter.shape[-2:] == (filter_size, filter_size)
+        torch.testing.assert_close(layer.blur_filter[0, 0], expected)
+    x = make_input(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("blur_first", [True, False])
+def test_blur_first_reaches_convs(blur_first: bool) -> None:
+    model = make_model("resnet50")
+    apply_blurpool(model, blur_first=blur_first)
+    for name in RESNET50_CONVS:
+        conv = model.get_submodule(name)
+        assert conv.blur_first is blur_first
+        # The blur acts on the conv's input before it, on its output after it.
+        assert conv.blur_filter.shape[0] == (conv.in_channels if blur_first else conv.out_channels)
+        assert tuple(conv.stride) == (2, 2)
+
+
+# ---------------------------------------------------------------------------------------------------- idempotence
+
+
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [("resnet18", {}), ("resnet50", {"blur_first": False, "filter_size": 4}), ("mobilenet_v2", {})],
+)
+def test_idempotent(arch: str, options: dict) -> None:
+    model = make_model(arch)
+    first = apply_blurpool(model, **options)
+    once = copy.deepcopy(model)
+    second = apply_blurpool(model, **options)
+
+    assert first.changed
+    assert not second.changed and second.num_replaced == 0
+    reasons = {d.name: d.reason for d in second.skipped}
+    for decision in first.replaced:
+        assert reasons[decision.name] == "already anti-aliased"
+    assert structure(model) == structure(once)
+    assert repr(model) == repr(once)
+    assert set(model.state_dict()) == set(once.state_dict())
+    x = make_input(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), once(x))
+
+
+# --------------------------------------------------------------------------------------------------- shared modules
+
+
+def test_shared_module_replaced_once() -> None:
+    torch.manual_seed(0)
+    model = SharedConvModel().eval()
+    reference = copy.deepcopy(model)
+    params_before = [id(p) for p in model.parameters()]
+    assert len(params_before) == 4
+
+    report = apply_blurpool(model)
+
+    assert isinstance(model.a, BlurConv2d) and model.a is model.b
+    assert isinstance(model.seq1[0], BlurConv2d) and model.seq1[0] is model.seq2[1]
+    assert [id(p) for p in model.parameters()] == params_before
+    assert report.num_replaced == 2
+    assert {d.name for d in report.replaced} == {"a", "seq1.0"}
+    shared_b = next(d for d in report.replaced if d.name == "a")
+    assert "b" in shared_b.reason
+
+    # Independent numbers: Composer's BlurConv2d built around each original conv, applied where the model uses it.
+    blur_a = composer_layers.BlurConv2d.from_conv2d(reference.a, 0)
+    blur_other = composer_layers.BlurConv2d.from_conv2d(reference.seq1[0], 1)
+    x = make_input(1, 16, 32, 32)
+    with torch.no_grad():
+        expected = blur_other(torch.relu(blur_other(blur_a(blur_a(x)))))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ dtype, device, mode, layout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_dtype_is_kept(dtype: torch.dtype) -> None:
+    model = make_model("resnet18")
+    reference = copy.deepcopy(model)
+    apply_blurpool(reference)
+    model = model.to(dtype)
+    apply_blurpool(model)
+    for name in blurred_names(model):
+        assert model.get_submodule(name).blur_filter.dtype == dtype
+    x = make_input(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x.to(dtype))
+        expected = reference(x)
+    assert out.dtype == dtype
+    tol = {torch.bfloat16: 0.1, torch.float64: 1e-5}[dtype]
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+def test_bf16_composer_reference_fails() -> None:
+    """The bf16 test above means something: Composer's surgery of a bf16 model gives a forward that fails."""
+    model = make_model("resnet18").to(torch.bfloat16)
+    composer_blurpool.apply_blurpool(model)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        model(make_input(1, 3, 64, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_training_mode_is_kept(arch: str, training: bool) -> None:
+    model = make_model(arch).train(training)
+    apply_blurpool(model, replace_avgpools=True, min_channels=0)
+    assert blurred_names(model)
+    assert all(module.training is training for module in model.modules())
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"blur_first": False}, {"pad_mode": "reflect", "filter_size": 4}], ids=["defaults", "last", "fs4"]
+)
+def test_channels_last_matches_contiguous(options: dict) -> None:
+    model = make_model("resnet18")
+    apply_blurpool(model, **options)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = make_input(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        out_cl = model_cl(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-4)
+        # The memory format survives a replaced conv.
+        feature = make_input(2, 64, 16, 16).to(memory_format=torch.channels_last)
+        assert model_cl.layer2[0].conv1(feature).is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------------------------- refusals
+
+
+def _assert_untouched(model: nn.Module) -> None:
+    assert not blurred_names(model)
+
+
+def test_refuses_ddp() -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert not dist.is_initialized()
+    dist.init_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        inner = make_model("resnet18")
+        wrapped = DistributedDataParallel(inner)
+        with pytest.raises(ValueError, match="DistributedDataParallel"):
+            apply_blurpool(wrapped)
+        _assert_untouched(inner)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_refuses_data_parallel() -> None:
+    inner = make_model("resnet18")
+    with pytest.raises(ValueError, match=r"DataParallel.*before wrapping"):
+        apply_blurpool(nn.DataParallel(inner))
+    _assert_untouched(inner)
+
+
+def test_refuses_compiled_model() -> None:
+    inner = make_model("resnet18")
+    compiled = torch.compile(inner, backend="eager")  # the inductor import alone takes seconds
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(ValueError, match="compile"):
+        apply_blurpool(compiled)
+    _assert_untouched(inner)
+
+
+# -------------------------------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"filter_size": 0}, r"filter_size.*>= 1"),
+        ({"filter_size": 2.5}, r"filter_size.*>= 1"),
+        ({"filter_size": True}, r"filter_size.*>= 1"),
+        ({"pad_mode": "mirror"}, r"pad_mode.*'zeros'.*'reflect'.*'replicate'.*'circular'.*mirror"),
+        ({"min_channels": -1}, r"min_channels.*>= 0"),
+        ({"min_channels": 1.5}, r"min_channels.*>= 0"),
+        ({"replace_convs": False, "replace_maxpools": False, "replace_avgpools": False}, "nothing to replace"),
+        ({"blur_first": "yes"}, r"blur_first.*True or False"),
+        ({"replace_convs": 1}, r"replace_convs.*True or False"),
+        ({"exclude": [""]}, r"exclude.*non-empty"),
+        ({"exclude": [3]}, r"exclude.*non-empty"),
+        ({"exclude": 3}, r"exclude"),
+        ({"optimizers": "x"}, r"optimizers.*Optimizer"),
+        ({"optimizers": [object()]}, r"optimizers.*Optimizer"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2), nn.MaxPool2d(2))
+    before = list(model)
+    with pytest.raises(ValueError, match=match):
+        apply_blurpool(model, **kwargs)
+    assert list(model) == before
+
+
+@pytest.mark.parametrize("model", ["resnet18", None, [nn.Conv2d(16, 16, 3, stride=2)], lambda x: x])
+def test_bad_model_type(model) -> None:
+    with pytest.raises(ValueError, match=r"model must be a torch\.nn\.Module"):
+        apply_blurpool(model)
+
+
+# ---------------------------------------------------------------------------------------------------- filter size 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"blur_first": False}, {"pad_mode": "reflect", "min_channels": 0}],
+    ids=["defaults", "blur_last", "reflect_stem"],
+)
+def test_filter_size_one_is_the_original_network(options: dict) -> None:
+    baseline = make_model("resnet18")
+    model = copy.deepcopy(baseline)
+    report = apply_blurpool(model, filter_size=1, **options)
+    assert report.num_replaced >= 7
+    x = make_input(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), baseline(x))
