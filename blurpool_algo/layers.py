@@ -55,6 +55,8 @@ def _blur_pads(filter_size: int) -> tuple[int, int, int, int]:
 
 def _pad(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
     """Pads ``x`` for the blur, falling back to ``replicate`` where the map is too small for ``pad_mode``."""
+    if max(pads) == 0:
+        return x
     if pad_mode == "zeros":
         return F.pad(x, pads)
     height, width = x.shape[-2], x.shape[-1]
@@ -63,7 +65,13 @@ def _pad(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
         if pad_mode == "reflect"
         else max(pads[0], pads[1]) > width or max(pads[2], pads[3]) > height
     )
-    return F.pad(x, pads, mode="replicate" if too_small else pad_mode)
+    padded = F.pad(x, pads, mode="replicate" if too_small else pad_mode)
+    if x.is_contiguous(memory_format=torch.channels_last) and not padded.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        # Circular padding on CPU returns a contiguous (NCHW) tensor; keep the caller's memory format.
+        padded = padded.contiguous(memory_format=torch.channels_last)
+    return padded
 
 
 @torch.fx.wrap
@@ -78,7 +86,8 @@ def _blur_subsample(x: Tensor, blur_filter: Tensor, stride: list[int], pads: lis
     if torch.jit.is_tracing():
         # Channel counts are structural constants, and ONNX export (a trace) needs a static kernel shape.
         channels = int(channels)
-    weight = blur_filter.expand(channels, -1, -1, -1)  # a view: no copy of the filter per call
+    # A view, no copy, when dtypes agree; the cast lets a pool (whose filter has no weight to follow) take any dtype.
+    weight = blur_filter.to(x.dtype).expand(channels, -1, -1, -1)
     if pad_mode == "zeros" and pads[0] == pads[1] and pads[1] == pads[2] and pads[2] == pads[3]:
         # Symmetric zero padding goes into the conv itself: no padded copy of the map.
         return F.conv2d(x, weight, stride=stride, padding=pads[0], groups=channels)
@@ -237,6 +246,7 @@ class BlurConv2d(_OptionalFilterOnLoad, nn.Conv2d):
         filter_size: int = 3,
         pad_mode: str = "zeros",
     ) -> None:
+        _validate_stride(stride)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
