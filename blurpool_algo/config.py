@@ -1,0 +1,435 @@
+"""Recipes: a typed, validated schema (OmegaConf structured configs), and the Trainer it describes.
+
+A recipe is a YAML file plus dotted ``key=value`` overrides. :func:`load_recipe` merges them onto the schema and checks
+everything that can be checked before work starts (types, unknown keys, names of models, algorithms, callbacks and
+loggers, data paths, batch sizes against the world size, checkpoint paths); any problem is a :class:`RecipeError`
+naming the key and the file. :func:`run_recipe` builds the Composer Trainer, trains, evaluates and returns a summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from composer import Trainer
+from composer.core import Algorithm, Callback, Time
+from composer.loggers import FileLogger, LoggerDestination, MLFlowLogger, TensorboardLogger, WandBLogger
+from composer.models import ComposerClassifier
+from composer.optim import ConstantScheduler, CosineAnnealingWithWarmupScheduler, MultiStepWithWarmupScheduler
+from composer.utils import dist, reproducibility
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from blurpool_algo import data
+from blurpool_algo.algorithm import BlurPool
+from blurpool_algo.models import build_model, model_names, unknown_model_message
+
+__all__ = ["Recipe", "RecipeError", "RunSummary", "build_trainer", "load_recipe", "run_recipe"]
+
+
+class RecipeError(ValueError):
+    """A recipe problem found before any work started; ``str()`` is one line: ``file: key: what is wrong``."""
+
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        self.key, self.message, self.source = key, message, source
+        super().__init__(f"{source + ': ' if source else ''}{key}: {message}")
+
+    def with_source(self, source: str) -> RecipeError:
+        return self if self.source else RecipeError(self.key, self.message, source)
+
+
+# ----------------------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    #: A torchvision classification architecture (``resnet50``, ...) or ``resnet10`` (small, for CPU runs).
+    name: str = MISSING
+    num_classes: int = 1000
+
+
+@dataclass
+class DataConfig:
+    #: ``imagenet`` (an ImageFolder tree), ``mnist5k`` (embedded, offline) or ``synthetic`` (tests only).
+    name: str = MISSING
+    #: For imagenet: the folder holding ``train/`` and ``val/``.
+    root: str | None = None
+    #: DataLoader workers per rank.
+    num_workers: int = 8
+    #: Training crop size (imagenet: evaluation is Resize(256/224 x this) + CenterCrop(this)); None = the dataset's.
+    image_size: int | None = None
+    #: Samples in the synthetic training set.
+    synthetic_samples: int = 64
+
+
+@dataclass
+class OptimizerConfig:
+    #: ``sgd`` (torch.optim.SGD) or ``adamw`` (torch.optim.AdamW).
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    #: ``multistep`` (step decay at ``milestones`` by ``gamma``), ``cosine`` or ``constant``; all with ``warmup``.
+    name: str = "multistep"
+    milestones: list[str] = field(default_factory=lambda: ["30ep", "60ep"])
+    gamma: float = 0.1
+    warmup: str = "0ba"
+
+
+@dataclass
+class Recipe:
+    """Every key a recipe may hold. Batch sizes are global: each of N ranks gets 1/N of them."""
+
+    seed: int = 17
+    run_name: str | None = None
+    max_duration: str = MISSING
+    train_batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    eval_interval: str = "1ep"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    #: Algorithm name -> its options: ``blurpool`` (this package) and Composer's by module name (``channels_last``,
+    #: ``label_smoothing``, ``ema``, ``progressive_resizing``, ...).
+    algorithms: dict[str, Any] = field(default_factory=dict)
+    #: Callback name -> its options: Composer's by module name (``speed_monitor``, ``lr_monitor``, ...).
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    #: Logger name -> its options: ``file``, ``tensorboard``, ``wandb``, ``mlflow``.
+    loggers: dict[str, Any] = field(default_factory=dict)
+    #: ``auto`` (amp_fp16 on GPU, fp32 on CPU), ``fp32``, ``amp_fp16``, ``amp_bf16``.
+    precision: str = "auto"
+    #: ``auto`` (gpu if available, else cpu), ``cpu``, ``gpu``, ``mps``.
+    device: str = "auto"
+    save_folder: str | None = None
+    save_interval: str = "1ep"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    load_path: str | None = None
+    autoresume: bool = False
+    progress_bar: bool = True
+
+
+PRECISIONS = ("auto", "fp32", "amp_fp16", "amp_bf16")
+DEVICES = ("auto", "cpu", "gpu", "mps")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("multistep", "cosine", "constant")
+LOGGERS: dict[str, type[LoggerDestination]] = {
+    "file": FileLogger,
+    "tensorboard": TensorboardLogger,
+    "wandb": WandBLogger,
+    "mlflow": MLFlowLogger,
+}
+
+
+@functools.cache
+def _composer_classes(package: str, base: type) -> dict[str, type]:
+    """Composer's algorithms or callbacks by the name of the module that defines them (``channels_last``, ...)."""
+    module = importlib.import_module(package)
+    found = {}
+    for obj in vars(module).values():
+        if inspect.isclass(obj) and issubclass(obj, base) and obj.__module__.startswith(package + "."):
+            found[obj.__module__[len(package) + 1 :].split(".")[0]] = obj
+    return found
+
+
+def algorithm_registry() -> dict[str, Callable[..., Algorithm]]:
+    """Algorithm names a recipe may use; ``blurpool`` is this package's, never Composer's."""
+    return {**_composer_classes("composer.algorithms", Algorithm), "blurpool": BlurPool}
+
+
+def callback_registry() -> dict[str, Callable[..., Callback]]:
+    """Callback names a recipe may use."""
+    return dict(_composer_classes("composer.callbacks", Callback))
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "msg", None) or str(exc)
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise RecipeError(getattr(exc, "full_key", None) or "<recipe>", _first_line(exc), source) from None
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Recipe:
+    """Reads a recipe file, applies dotted overrides (``data.root=/x``), and validates the result.
+
+    Raises:
+        RecipeError: naming the file (or ``command line``) and the key, for anything wrong.
+    """
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise RecipeError("-f", f"recipe file not found: {source}")
+    try:
+        layer = OmegaConf.load(source)
+    except Exception as exc:  # YAML syntax errors come in several exception types
+        raise RecipeError("<yaml>", f"cannot parse: {_first_line(exc)}", source) from None
+    if not isinstance(layer, DictConfig):
+        raise RecipeError("<yaml>", "a recipe must be a mapping of keys to values", source)
+    config = _merge(OmegaConf.structured(Recipe), layer, source)
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise RecipeError(bad[0], "overrides must look like key=value (e.g. data.root=/data/imagenet)", "command line")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise RecipeError("<override>", _first_line(exc), "command line") from None
+    config = _merge(config, dotlist, "command line")
+    try:
+        recipe: Recipe = OmegaConf.to_object(config)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "<recipe>"
+        raise RecipeError(
+            key, _first_line(exc).replace("Structured config of type `Recipe` has ", ""), source
+        ) from None
+    try:
+        validate_recipe(recipe)
+    except RecipeError as exc:
+        raise exc.with_source(source) from None
+    return recipe
+
+
+# ------------------------------------------------------------------------------------------------------- validation
+
+
+def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise RecipeError(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_time(key: str, value: str) -> None:
+    try:
+        Time.from_timestring(value)
+    except ValueError:
+        raise RecipeError(key, f"{value!r} is not a Composer time string (e.g. '90ep', '100ba', '0.5dur')") from None
+
+
+def _options(key: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(key, f"expected a mapping of options (or {{}}), got {value!r}")
+    return dict(value)
+
+
+def _construct(key: str, factory: Callable[..., Any], options: Mapping[str, Any]) -> Any:
+    try:
+        return factory(**options)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(key, _first_line(exc)) from None
+    except ImportError as exc:  # Composer's optional loggers need their own packages
+        raise RecipeError(key, f"needs a package that is not installed: {_first_line(exc)}") from None
+
+
+def _named_objects(section: str, entries: Mapping[str, Any], registry: Mapping[str, Callable[..., Any]]) -> list[Any]:
+    objects = []
+    for name, value in entries.items():
+        if name not in registry:
+            raise RecipeError(f"{section}.{name}", f"unknown {section[:-1]} {name!r}; allowed: {', '.join(registry)}")
+        objects.append(_construct(f"{section}.{name}", registry[name], _options(f"{section}.{name}", value)))
+    return objects
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Checks what the schema's types cannot: names, choices, paths, time strings, sizes against the world size."""
+    for key in ("train_batch_size", "eval_batch_size", "model.num_classes", "data.synthetic_samples"):
+        value = OmegaConf.select(OmegaConf.structured(recipe), key)
+        if value < 1:
+            raise RecipeError(key, f"must be >= 1, got {value}")
+    if recipe.data.num_workers < 0:
+        raise RecipeError("data.num_workers", f"must be >= 0, got {recipe.data.num_workers}")
+    if recipe.data.image_size is not None and recipe.data.image_size < 8:
+        raise RecipeError("data.image_size", f"must be >= 8 (or null), got {recipe.data.image_size}")
+    world_size = dist.get_world_size()
+    for key in ("train_batch_size", "eval_batch_size"):
+        if getattr(recipe, key) % world_size:
+            raise RecipeError(
+                key, f"global batch size {getattr(recipe, key)} is not divisible by the world size {world_size}"
+            )
+    for key in ("max_duration", "eval_interval", "save_interval", "scheduler.warmup"):
+        _check_time(key, OmegaConf.select(OmegaConf.structured(recipe), key))
+    for index, milestone in enumerate(recipe.scheduler.milestones):
+        _check_time(f"scheduler.milestones[{index}]", milestone)
+    _check_choice("precision", recipe.precision, PRECISIONS)
+    _check_choice("device", recipe.device, DEVICES)
+    _check_choice("optimizer.name", recipe.optimizer.name, OPTIMIZERS)
+    _check_choice("scheduler.name", recipe.scheduler.name, SCHEDULERS)
+    if recipe.model.name not in model_names():
+        raise RecipeError("model.name", unknown_model_message(recipe.model.name))
+    _check_choice("data.name", recipe.data.name, data.DATASETS)
+    try:
+        data.check_data(recipe.data.name, recipe.data.root)
+    except ValueError as exc:
+        message = str(exc)
+        key = "data.root" if message.startswith("data.root") else "data.name"
+        message = message.removeprefix(key).lstrip(": ")
+        if key == "data.root" and recipe.data.root is None:
+            message += " (give data.root=/path/to/imagenet on the command line, or export IMAGENET_ROOT)"
+        raise RecipeError(key, message) from None
+    train_size = {"synthetic": recipe.data.synthetic_samples, "mnist5k": data.MNIST5K_TRAIN_SIZE}.get(recipe.data.name)
+    if train_size is not None and recipe.train_batch_size // world_size > train_size // world_size:
+        raise RecipeError(
+            "train_batch_size",
+            f"{recipe.train_batch_size} is larger than the {train_size} training samples of {recipe.data.name}",
+        )
+    classes = data.num_classes(recipe.data.name, recipe.data.root)
+    if classes is not None and classes > recipe.model.num_classes:
+        raise RecipeError(
+            "model.num_classes", f"{recipe.model.num_classes} is fewer than the {classes} classes in {recipe.data.name}"
+        )
+    _named_objects("algorithms", recipe.algorithms, algorithm_registry())
+    _named_objects("callbacks", recipe.callbacks, callback_registry())
+    _named_objects("loggers", recipe.loggers, LOGGERS)
+    if recipe.autoresume and not (recipe.save_folder and recipe.run_name):
+        raise RecipeError("autoresume", "needs save_folder and run_name (to find the run's latest checkpoint)")
+    if recipe.load_path and "://" not in recipe.load_path and not os.path.isfile(recipe.load_path):
+        raise RecipeError("load_path", f"checkpoint not found: {recipe.load_path}")
+
+
+# ----------------------------------------------------------------------------------------------------- construction
+
+
+def _device(recipe: Recipe) -> str:
+    if recipe.device != "auto":
+        return recipe.device
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _precision(recipe: Recipe, device: str) -> str:
+    if recipe.precision != "auto":
+        return recipe.precision
+    return "amp_fp16" if device == "gpu" else "fp32"
+
+
+def _optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    opt = recipe.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
+        )
+    return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def _scheduler(recipe: Recipe):
+    sched = recipe.scheduler
+    if sched.name == "multistep":
+        return MultiStepWithWarmupScheduler(t_warmup=sched.warmup, milestones=list(sched.milestones), gamma=sched.gamma)
+    if sched.name == "cosine":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=sched.warmup)
+    return ConstantScheduler()
+
+
+def build_trainer(recipe: Recipe) -> Trainer:
+    """The Composer Trainer a validated recipe describes (model, data, optimizer, schedule, algorithms, ...)."""
+    world_size = dist.get_world_size()
+    device = _device(recipe)
+    # The Trainer seeds itself, but the model is built before it: without this its initial weights would depend on
+    # whatever the process did before (and the two arms of an A/B would not start from the same weights).
+    reproducibility.seed_all(recipe.seed)
+    network = build_model(recipe.model.name, num_classes=recipe.model.num_classes)
+    model = ComposerClassifier(network, num_classes=recipe.model.num_classes)
+    train_loader, eval_loader = data.build_dataloaders(
+        recipe.data.name,
+        root=recipe.data.root,
+        train_batch_size=recipe.train_batch_size // world_size,
+        eval_batch_size=recipe.eval_batch_size // world_size,
+        num_workers=recipe.data.num_workers,
+        seed=recipe.seed,
+        num_classes=recipe.model.num_classes,
+        synthetic_samples=recipe.data.synthetic_samples,
+        image_size=recipe.data.image_size,
+    )
+    return Trainer(
+        run_name=recipe.run_name,
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=eval_loader,
+        eval_interval=recipe.eval_interval,
+        max_duration=recipe.max_duration,
+        optimizers=_optimizer(recipe, model),
+        schedulers=_scheduler(recipe),
+        algorithms=_named_objects("algorithms", recipe.algorithms, algorithm_registry()),
+        callbacks=_named_objects("callbacks", recipe.callbacks, callback_registry()),
+        loggers=_named_objects("loggers", recipe.loggers, LOGGERS),
+        precision=_precision(recipe, device),
+        device=device,
+        seed=recipe.seed,
+        save_folder=recipe.save_folder,
+        save_interval=recipe.save_interval,
+        save_num_checkpoints_to_keep=recipe.save_num_checkpoints_to_keep,
+        save_overwrite=recipe.save_overwrite,
+        load_path=recipe.load_path,
+        autoresume=recipe.autoresume,
+        progress_bar=recipe.progress_bar,
+        log_to_console=not recipe.progress_bar,
+    )
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports: top-1 accuracy (percent, reduced over ranks), wall time in seconds."""
+
+    run_name: str
+    accuracy: float
+    wall_time: float
+    algorithms: list[str]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.run_name}: top-1 accuracy {self.accuracy:.2f} %, wall time {self.wall_time:.1f} s, "
+            f"algorithms: {', '.join(self.algorithms) or 'none'}"
+        )
+
+
+def _top1(trainer: Trainer) -> float:
+    metrics = trainer.state.eval_metrics.get("eval", {})
+    accuracy = metrics.get("MulticlassAccuracy")
+    if accuracy is None or not getattr(accuracy, "_update_count", 0):
+        trainer.eval()
+        accuracy = trainer.state.eval_metrics["eval"]["MulticlassAccuracy"]
+    return 100.0 * float(accuracy.compute())
+
+
+def run_recipe(recipe: Recipe, *, trainer_hook: Callable[[Trainer], None] | None = None) -> RunSummary:
+    """Trains and evaluates a validated recipe; returns the summary (the same on every rank).
+
+    ``trainer_hook`` runs on the built Trainer before ``fit`` (tests use it to attach loggers).
+    """
+    started = time.perf_counter()
+    trainer = build_trainer(recipe)
+    if trainer_hook is not None:
+        trainer_hook(trainer)
+    trainer.fit()
+    summary = RunSummary(
+        run_name=trainer.state.run_name,
+        accuracy=_top1(trainer),
+        wall_time=time.perf_counter() - started,
+        algorithms=[type(a).__name__ for a in trainer.state.algorithms],
+    )
+    trainer.close()
+    return summary
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe, as YAML (for logs and reports)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(recipe)))

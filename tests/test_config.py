@@ -1,0 +1,280 @@
+"""Recipes and the runner: schema errors, every recipe, short real runs, the launcher, and resume equivalence."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from blurpool_algo.config import Recipe, RecipeError, build_trainer, load_recipe, run_recipe
+from blurpool_algo.layers import BlurConv2d, BlurMaxPool2d
+
+ROOT = Path(__file__).resolve().parents[1]
+YAMLS = ROOT / "yamls"
+QUICKSTART = YAMLS / "quickstart_blurpool.yaml"
+FAST = ["progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def imagenet_tree(tmp_path_factory) -> Path:
+    """A tiny ImageFolder tree shaped like ImageNet's: train/ and val/, two classes, a few real JPEG files."""
+    root = tmp_path_factory.mktemp("imagenet")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for label in ("n01440764", "n01443537"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = torch.randint(0, 256, (80, 96, 3), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{index}.JPEG")
+    return root
+
+
+def _error(path, overrides=(), **env) -> RecipeError:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, list(overrides))
+    return caught.value
+
+
+# ------------------------------------------------------------------------------------------------- every recipe
+
+
+@pytest.mark.parametrize("name", ["quickstart_baseline", "quickstart_blurpool"])
+def test_quickstart_recipes_validate(name):
+    recipe = load_recipe(YAMLS / f"{name}.yaml")
+    assert recipe.data.name == "mnist5k"
+    assert recipe.model.name == "resnet10"
+    assert ("blurpool" in recipe.algorithms) == name.endswith("blurpool")
+
+
+@pytest.mark.parametrize("name", ["resnet50_baseline", "resnet50_blurpool"])
+def test_imagenet_recipes_validate_with_a_root(name, imagenet_tree):
+    recipe = load_recipe(YAMLS / f"{name}.yaml", [f"data.root={imagenet_tree}"])
+    # The published reference: 90 epochs, SGD momentum 0.9, lr 0.1 per 256 images, wd 1e-4, step decay at 30/60.
+    assert recipe.max_duration == "90ep"
+    assert (recipe.optimizer.name, recipe.optimizer.momentum, recipe.optimizer.weight_decay) == ("sgd", 0.9, 1e-4)
+    assert recipe.optimizer.lr == pytest.approx(0.1 * recipe.train_batch_size / 256)
+    assert recipe.train_batch_size % 8 == 0
+    assert (recipe.scheduler.name, recipe.scheduler.milestones, recipe.scheduler.gamma) == (
+        "multistep", ["30ep", "60ep"], 0.1,
+    )  # fmt: skip
+    assert "channels_last" in recipe.algorithms
+    assert recipe.precision == "auto"
+
+
+def test_imagenet_root_from_the_environment(imagenet_tree, monkeypatch):
+    monkeypatch.setenv("IMAGENET_ROOT", str(imagenet_tree))
+    assert load_recipe(YAMLS / "resnet50_blurpool.yaml").data.root == str(imagenet_tree)
+
+
+@pytest.mark.parametrize("family", ["quickstart", "resnet50"])
+def test_twins_differ_only_in_algorithms(family, imagenet_tree):
+    overrides = [f"data.root={imagenet_tree}"]
+    baseline = dataclasses.asdict(load_recipe(YAMLS / f"{family}_baseline.yaml", overrides))
+    blurpool = dataclasses.asdict(load_recipe(YAMLS / f"{family}_blurpool.yaml", overrides))
+    assert "blurpool" not in baseline["algorithms"] and "blurpool" in blurpool["algorithms"]
+    baseline.pop("algorithms")
+    blurpool_algorithms = blurpool.pop("algorithms")
+    assert baseline == blurpool
+    assert set(blurpool_algorithms) - {"blurpool"} == set(
+        load_recipe(YAMLS / f"{family}_baseline.yaml", overrides).algorithms
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        (["max_duraton=1ep"], "max_duraton", "Did you mean"),
+        (["model.nme=resnet18"], "model.nme", "not in"),
+        (["seed=abc"], "seed", "could not be converted"),
+        (["train_batch_size=1.5"], "train_batch_size", "could not be converted"),
+        (["model.name=resnet51"], "model.name", "resnet50"),
+        (["data.name=cifar10"], "data.name", "mnist5k"),
+        (["algorithms.blur_pool={}"], "algorithms.blur_pool", "blurpool"),
+        (["algorithms.blurpool.filter_size=0"], "algorithms.blurpool", "filter_size"),
+        (["algorithms.blurpool.filter_sise=3"], "algorithms.blurpool", "filter_sise"),
+        (["algorithms.label_smoothing.smoothin=0.1"], "algorithms.label_smoothing", "smoothin"),
+        (["loggers.neptun={}"], "loggers.neptun", "tensorboard"),
+        (["callbacks.speed_monitr={}"], "callbacks.speed_monitr", "speed_monitor"),
+        (["precision=fp8"], "precision", "amp_bf16"),
+        (["device=tpu"], "device", "gpu"),
+        (["max_duration=forever"], "max_duration", "time string"),
+        (["scheduler.milestones=[1ep,soon]"], "scheduler.milestones[1]", "time string"),
+        (["optimizer.name=lion"], "optimizer.name", "adamw"),
+        (["eval_batch_size=0"], "eval_batch_size", ">= 1"),
+        (["autoresume=true"], "autoresume", "run_name"),
+        (["load_path=/nonexistent/ckpt.pt"], "load_path", "/nonexistent/ckpt.pt"),
+        (["model.num_classes=5"], "model.num_classes", "10 classes"),
+        (["train_batch_size=8192"], "train_batch_size", "4000 training samples"),
+    ],
+)
+def test_recipe_errors_name_the_key_and_the_source(overrides, key, fragment):
+    error = _error(QUICKSTART, overrides)
+    assert error.key == key
+    assert fragment in error.message
+    assert error.source in (str(QUICKSTART), "command line")
+    assert "\n" not in str(error)
+    assert str(error).startswith(f"{error.source}: {key}: ")
+
+
+def test_errors_in_the_file_name_the_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(QUICKSTART.read_text().replace("max_duration: 4ep", "max_duraton: 4ep"))
+    error = _error(recipe)
+    assert (error.source, error.key) == (str(recipe), "max_duraton")
+    recipe.write_text(QUICKSTART.read_text() + "\nmodel: [not, a, mapping]\n")
+    assert _error(recipe).source == str(recipe)
+    recipe.write_text("seed: [unclosed\n")
+    assert _error(recipe).key == "<yaml>"
+
+
+def test_missing_recipe_file():
+    error = _error("yamls/no_such_recipe.yaml")
+    assert error.key == "-f" and "no_such_recipe.yaml" in error.message
+
+
+def test_missing_mandatory_key(tmp_path):
+    recipe = tmp_path / "short.yaml"
+    recipe.write_text("max_duration: 1ep\ntrain_batch_size: 8\neval_batch_size: 8\nmodel: {name: resnet18}\n")
+    assert _error(recipe).key == "data.name"
+
+
+def test_missing_imagenet_root_names_data_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("IMAGENET_ROOT", raising=False)
+    assert _error(YAMLS / "resnet50_blurpool.yaml").key == "data.root"
+    error = _error(YAMLS / "resnet50_blurpool.yaml", [f"data.root={tmp_path / 'nowhere'}"])
+    assert error.key == "data.root" and "nowhere" in error.message
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert _error(YAMLS / "resnet50_blurpool.yaml", [f"data.root={tmp_path / 'empty'}"]).key == "data.root"
+
+
+def test_global_batch_must_divide_by_the_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    error = _error(QUICKSTART)
+    assert error.key == "train_batch_size" and "world size 3" in error.message
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert load_recipe(QUICKSTART).train_batch_size == 64
+
+
+def test_logger_with_a_missing_package_is_a_recipe_error():
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        error = _error(QUICKSTART, ["loggers.wandb={}"])
+        assert error.key == "loggers.wandb" and "package" in error.message
+    else:
+        assert load_recipe(QUICKSTART, ["loggers.wandb={}"]).loggers == {"wandb": {}}
+
+
+def test_bad_override_syntax():
+    error = _error(QUICKSTART, ["seed"])
+    assert error.source == "command line" and "key=value" in error.message
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-f", "yamls/nope.yaml"], "-f: recipe file not found"),
+        (["-f", "yamls/quickstart_blurpool.yaml", "model.nme=x"], "model.nme"),
+        (["-f", "yamls/resnet50_blurpool.yaml", "data.root=/no/such/imagenet"], "data.root"),
+    ],
+)
+def test_run_py_reports_one_line_without_traceback(args, fragment):
+    result = subprocess.run(
+        [sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "IMAGENET_ROOT": ""},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------- runs
+
+
+def _blur_layer_count(trainer) -> int:
+    return sum(isinstance(m, BlurConv2d | BlurMaxPool2d) for m in trainer.state.model.modules())
+
+
+def test_imagenet_recipe_trains_two_batches_on_a_folder_tree(imagenet_tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's file logger and checkpoints write under ./runs
+    recipe = load_recipe(
+        YAMLS / "resnet50_blurpool.yaml",
+        [f"data.root={imagenet_tree}", "train_batch_size=4", "eval_batch_size=4", "max_duration=2ba",
+         "data.num_workers=0", "data.image_size=64", *FAST],
+    )  # fmt: skip
+    seen = {}
+    summary = run_recipe(recipe, trainer_hook=lambda t: seen.update(trainer=t, blur=_blur_layer_count(t)))
+    assert seen["blur"] == 7  # resnet50: 1 BlurMaxPool2d + 6 BlurConv2d
+    assert int(seen["trainer"].state.timestamp.batch) == 2
+    assert 0.0 <= summary.accuracy <= 100.0
+    assert summary.algorithms == ["ChannelsLast", "BlurPool"]
+    assert list((tmp_path / "runs").glob("*/logs-rank0.txt"))
+
+
+def test_quickstart_trains_a_few_batches():
+    recipe = load_recipe(QUICKSTART, ["max_duration=3ba", *FAST])
+    seen = {}
+    summary = run_recipe(recipe, trainer_hook=lambda t: seen.update(blur=_blur_layer_count(t)))
+    assert seen["blur"] == 7  # resnet10: max-pool + strided 3x3 and 1x1 convs of stages 2-4
+    assert 0.0 <= summary.accuracy <= 100.0
+
+
+def test_same_seed_same_initial_weights_whatever_ran_before():
+    recipe = load_recipe(QUICKSTART, FAST)
+    first = build_trainer(recipe).state.model.state_dict()
+    torch.randn(1000)  # the process's RNG moves on, as it would after another run
+    second = build_trainer(recipe).state.model.state_dict()
+    other_seed = build_trainer(load_recipe(QUICKSTART, [*FAST, "seed=18"])).state.model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["module.conv1.weight"], other_seed["module.conv1.weight"])
+
+
+def _final_weights(recipe: Recipe, fit_duration: str | None = None) -> dict[str, torch.Tensor]:
+    trainer = build_trainer(recipe)
+    trainer.fit(duration=fit_duration) if fit_duration else trainer.fit()
+    weights = {k: v.detach().clone() for k, v in trainer.state.model.state_dict().items()}
+    trainer.close()
+    return weights
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = ["max_duration=6ba", "eval_interval=100ep", "run_name=resume-check", *FAST]
+    uninterrupted = _final_weights(load_recipe(QUICKSTART, common))
+
+    saving = [*common, f"save_folder={tmp_path}", "save_interval=2ba"]
+    _final_weights(load_recipe(QUICKSTART, saving), fit_duration="4ba")  # "interrupted" after 4 of 6 batches
+    assert (tmp_path / "latest-rank0.pt").exists()
+    resumed = _final_weights(load_recipe(QUICKSTART, [*saving, "autoresume=true"]))
+
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+
+
+def test_two_rank_launcher_run(tmp_path):
+    composer = shutil.which("composer", path=os.path.dirname(sys.executable)) or shutil.which("composer")
+    assert composer, "Composer's launcher must be installed with the package"
+    with socket.socket() as probe:  # a free port for the ranks' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [composer, "-n", "2", "--master_port", str(port), "run.py", "-f", str(QUICKSTART),
+         "max_duration=2ba", "train_batch_size=32", "eval_batch_size=100", *FAST],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("summary:")]
+    assert len(summaries) == 1, result.stdout[-3000:]
