@@ -13,6 +13,7 @@ import functools
 import importlib
 import inspect
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,11 @@ from composer import Trainer
 from composer.core import Algorithm, Callback, Time
 from composer.loggers import FileLogger, LoggerDestination, MLFlowLogger, TensorboardLogger, WandBLogger
 from composer.models import ComposerClassifier
-from composer.optim import ConstantScheduler, CosineAnnealingWithWarmupScheduler, MultiStepWithWarmupScheduler
+from composer.optim import (
+    ConstantWithWarmupScheduler,
+    CosineAnnealingWithWarmupScheduler,
+    MultiStepWithWarmupScheduler,
+)
 from composer.utils import dist, reproducibility
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -199,13 +204,16 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         recipe: Recipe = OmegaConf.to_object(config)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "<recipe>"
-        raise RecipeError(
-            key, _first_line(exc).replace("Structured config of type `Recipe` has ", ""), source
-        ) from None
+        raise RecipeError(key, re.sub(r"^Structured config of type `\w+` has ", "", _first_line(exc)), source) from None
     try:
         validate_recipe(recipe)
     except RecipeError as exc:
-        raise exc.with_source(source) from None
+        overridden = [item.split("=", 1)[0] for item in overrides]
+        from_command_line = any(
+            exc.key == key or exc.key.startswith((key + ".", key + "[")) or key.startswith(exc.key + ".")
+            for key in overridden
+        )
+        raise exc.with_source("command line" if from_command_line else source) from None
     return recipe
 
 
@@ -220,8 +228,10 @@ def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
 def _check_time(key: str, value: str) -> None:
     try:
         Time.from_timestring(value)
-    except ValueError:
-        raise RecipeError(key, f"{value!r} is not a Composer time string (e.g. '90ep', '100ba', '0.5dur')") from None
+    except (ValueError, TypeError):  # TypeError: a fractional count of epochs or batches ('1.5ep')
+        raise RecipeError(
+            key, f"{value!r} is not a Composer time string (whole '90ep', '100ba', or a fraction '0.5dur')"
+        ) from None
 
 
 def _options(key: str, value: Any) -> dict[str, Any]:
@@ -302,6 +312,14 @@ def validate_recipe(recipe: Recipe) -> None:
     _named_objects("loggers", recipe.loggers, LOGGERS)
     if recipe.autoresume and not (recipe.save_folder and recipe.run_name):
         raise RecipeError("autoresume", "needs save_folder and run_name (to find the run's latest checkpoint)")
+    if recipe.run_name and recipe.save_folder and not (recipe.autoresume or recipe.save_overwrite):
+        folder = recipe.save_folder.replace("{run_name}", recipe.run_name)
+        if "{" not in folder and os.path.isdir(folder) and any(os.scandir(folder)):
+            raise RecipeError(
+                "save_folder",
+                f"{folder} already holds checkpoints of run {recipe.run_name!r}: set autoresume=true to resume it, "
+                "save_overwrite=true to replace them, or another run_name",
+            )
     if recipe.load_path and "://" not in recipe.load_path and not os.path.isfile(recipe.load_path):
         raise RecipeError("load_path", f"checkpoint not found: {recipe.load_path}")
 
@@ -336,7 +354,7 @@ def _scheduler(recipe: Recipe):
         return MultiStepWithWarmupScheduler(t_warmup=sched.warmup, milestones=list(sched.milestones), gamma=sched.gamma)
     if sched.name == "cosine":
         return CosineAnnealingWithWarmupScheduler(t_warmup=sched.warmup)
-    return ConstantScheduler()
+    return ConstantWithWarmupScheduler(t_warmup=sched.warmup)
 
 
 def build_trainer(recipe: Recipe) -> Trainer:
@@ -346,6 +364,10 @@ def build_trainer(recipe: Recipe) -> Trainer:
     # The Trainer seeds itself, but the model is built before it: without this its initial weights would depend on
     # whatever the process did before (and the two arms of an A/B would not start from the same weights).
     reproducibility.seed_all(recipe.seed)
+    local_ranks = dist.get_local_world_size()
+    if device == "cpu" and local_ranks > 1:
+        # Each CPU rank would otherwise start one thread per core, oversubscribing the machine local_ranks times.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     network = build_model(recipe.model.name, num_classes=recipe.model.num_classes)
     model = ComposerClassifier(network, num_classes=recipe.model.num_classes)
     train_loader, eval_loader = data.build_dataloaders(

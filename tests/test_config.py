@@ -110,6 +110,7 @@ def test_twins_differ_only_in_algorithms(family, imagenet_tree):
         (["precision=fp8"], "precision", "amp_bf16"),
         (["device=tpu"], "device", "gpu"),
         (["max_duration=forever"], "max_duration", "time string"),
+        (["max_duration=1.5ep"], "max_duration", "time string"),
         (["scheduler.milestones=[1ep,soon]"], "scheduler.milestones[1]", "time string"),
         (["optimizer.name=lion"], "optimizer.name", "adamw"),
         (["eval_batch_size=0"], "eval_batch_size", ">= 1"),
@@ -123,7 +124,7 @@ def test_recipe_errors_name_the_key_and_the_source(overrides, key, fragment):
     error = _error(QUICKSTART, overrides)
     assert error.key == key
     assert fragment in error.message
-    assert error.source in (str(QUICKSTART), "command line")
+    assert error.source == "command line"  # every bad value here came from an override
     assert "\n" not in str(error)
     assert str(error).startswith(f"{error.source}: {key}: ")
 
@@ -139,6 +140,15 @@ def test_errors_in_the_file_name_the_file(tmp_path):
     assert _error(recipe).key == "<yaml>"
 
 
+def test_rerunning_a_saved_run_needs_autoresume_or_overwrite(tmp_path):
+    saving = [f"save_folder={tmp_path}/{{run_name}}", "run_name=again"]
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "ep1-ba62-rank0.pt").write_bytes(b"")
+    error = _error(QUICKSTART, saving)
+    assert error.key == "save_folder" and "autoresume=true" in error.message
+    assert load_recipe(QUICKSTART, [*saving, "save_overwrite=true"]).save_overwrite
+
+
 def test_missing_recipe_file():
     error = _error("yamls/no_such_recipe.yaml")
     assert error.key == "-f" and "no_such_recipe.yaml" in error.message
@@ -147,7 +157,8 @@ def test_missing_recipe_file():
 def test_missing_mandatory_key(tmp_path):
     recipe = tmp_path / "short.yaml"
     recipe.write_text("max_duration: 1ep\ntrain_batch_size: 8\neval_batch_size: 8\nmodel: {name: resnet18}\n")
-    assert _error(recipe).key == "data.name"
+    error = _error(recipe)
+    assert error.key == "data.name" and error.message == "missing mandatory value: name"
 
 
 def test_missing_imagenet_root_names_data_root(tmp_path, monkeypatch):

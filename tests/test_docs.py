@@ -9,6 +9,7 @@ name with its original line numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DOC_FILES = ("method_card.md", "api.md")
 RUNNABLE = "python"
-SHOWN_ONLY = frozenset({"bash", "text"})
+SHOWN_ONLY = frozenset({"bash", "text", "yaml"})
 OPENING_FENCE = re.compile(r"^```(\S*)\s*$")
 CLOSING_FENCE = "```"
 
@@ -84,3 +85,16 @@ def test_doc_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
             exec(compile("\n" * (start - 1) + code, str(path), "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_recipes_page_documents_every_schema_key_and_recipe():
+    from blurpool_algo.config import DataConfig, ModelConfig, OptimizerConfig, Recipe, SchedulerConfig
+
+    page = (DOCS / "recipes.md").read_text()
+    nested = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig}
+    keys = [f.name for f in dataclasses.fields(Recipe) if f.name not in nested]
+    keys += [f"{section}.{f.name}" for section, cls in nested.items() for f in dataclasses.fields(cls)]
+    missing = [key for key in keys if f"`{key}`" not in page and f"`{key.split('.')[-1]}`" not in page]
+    assert not missing, f"docs/recipes.md does not mention {missing}"
+    recipes = sorted(p.name for p in (DOCS.parent / "yamls").glob("*.yaml"))
+    assert recipes and all(name in page for name in recipes)
