@@ -8,7 +8,6 @@ naming the key and the file. :func:`run_recipe` builds the Composer Trainer, tra
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import inspect
@@ -450,8 +449,3 @@ def run_recipe(recipe: Recipe, *, trainer_hook: Callable[[Trainer], None] | None
     )
     trainer.close()
     return summary
-
-
-def recipe_to_yaml(recipe: Recipe) -> str:
-    """The fully resolved recipe, as YAML (for logs and reports)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(recipe)))
