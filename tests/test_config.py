@@ -289,3 +289,16 @@ def test_two_rank_launcher_run(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summaries = [line for line in result.stdout.splitlines() if line.startswith("summary:")]
     assert len(summaries) == 1, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "multistep"])
+def test_every_schedule_warms_up(schedule):
+    recipe = load_recipe(
+        QUICKSTART,
+        [f"scheduler.name={schedule}", "scheduler.warmup=8ba", "max_duration=2ba", "optimizer.lr=0.1", *FAST],
+    )
+    trainer = build_trainer(recipe)
+    trainer.fit()
+    lr = trainer.state.optimizers[0].param_groups[0]["lr"]
+    trainer.close()
+    assert 0.0 < lr < 0.05  # 2 of 8 warmup batches done: still far below the peak of 0.1
