@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from blurpool_algo import data
 from blurpool_algo.algorithm import BlurPool
+from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor
 from blurpool_algo.models import build_model, model_names, unknown_model_message
 
 __all__ = ["Recipe", "RecipeError", "RunSummary", "build_trainer", "load_recipe", "run_recipe"]
@@ -110,7 +111,8 @@ class Recipe:
     #: Algorithm name -> its options: ``blurpool`` (this package) and Composer's by module name (``channels_last``,
     #: ``label_smoothing``, ``ema``, ``progressive_resizing``, ...).
     algorithms: dict[str, Any] = field(default_factory=dict)
-    #: Callback name -> its options: Composer's by module name (``speed_monitor``, ``lr_monitor``, ...).
+    #: Callback name -> its options: ``shift_consistency_monitor`` and ``throughput_monitor`` (this package's), and
+    #: Composer's by module name (``speed_monitor``, ``lr_monitor``, ...).
     callbacks: dict[str, Any] = field(default_factory=dict)
     #: Logger name -> its options: ``file``, ``tensorboard``, ``wandb``, ``mlflow``.
     loggers: dict[str, Any] = field(default_factory=dict)
@@ -156,8 +158,12 @@ def algorithm_registry() -> dict[str, Callable[..., Algorithm]]:
 
 
 def callback_registry() -> dict[str, Callable[..., Callback]]:
-    """Callback names a recipe may use."""
-    return dict(_composer_classes("composer.callbacks", Callback))
+    """Callback names a recipe may use: Composer's, and this package's two monitors."""
+    return {
+        **_composer_classes("composer.callbacks", Callback),
+        "shift_consistency_monitor": ShiftConsistencyMonitor,
+        "throughput_monitor": ThroughputMonitor,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -307,7 +313,9 @@ def validate_recipe(recipe: Recipe) -> None:
             "model.num_classes", f"{recipe.model.num_classes} is fewer than the {classes} classes in {recipe.data.name}"
         )
     _named_objects("algorithms", recipe.algorithms, algorithm_registry())
-    _named_objects("callbacks", recipe.callbacks, callback_registry())
+    for callback in _named_objects("callbacks", recipe.callbacks, callback_registry()):
+        if isinstance(callback, ShiftConsistencyMonitor):
+            _check_consistency_size(recipe, callback)
     _named_objects("loggers", recipe.loggers, LOGGERS)
     if recipe.autoresume and not (recipe.save_folder and recipe.run_name):
         raise RecipeError("autoresume", "needs save_folder and run_name (to find the run's latest checkpoint)")
@@ -321,6 +329,30 @@ def validate_recipe(recipe: Recipe) -> None:
             )
     if recipe.load_path and "://" not in recipe.load_path and not os.path.isfile(recipe.load_path):
         raise RecipeError("load_path", f"checkpoint not found: {recipe.load_path}")
+
+
+def _consistency_side(recipe: Recipe, monitor: ShiftConsistencyMonitor) -> int:
+    """Side of the images a shift-consistency measurement of ``recipe``'s data needs."""
+    available = data.consistency_image_size(recipe.data.name, recipe.data.image_size)
+    if monitor.mode == "crop":
+        if monitor.crop_size is None:
+            return available if available is not None else (recipe.data.image_size or 224) + monitor.max_shift
+        return monitor.crop_size + monitor.max_shift
+    # Circular shifts need no margin: the images are rolled at the crop size (or as they come).
+    return monitor.crop_size or available or recipe.data.image_size or 224
+
+
+def _check_consistency_size(recipe: Recipe, monitor: ShiftConsistencyMonitor) -> None:
+    side = _consistency_side(recipe, monitor)
+    available = data.consistency_image_size(recipe.data.name, recipe.data.image_size)
+    if available is not None and side > available:
+        what = "crop_size + max_shift" if monitor.mode == "crop" else "crop_size"
+        raise RecipeError(
+            "callbacks.shift_consistency_monitor",
+            f"{what} = {side} px exceeds the {available} px images of {recipe.data.name}",
+        )
+    if monitor.mode == "crop" and side - monitor.max_shift < 1:
+        raise RecipeError("callbacks.shift_consistency_monitor.max_shift", f"leaves no crop of the {side} px images")
 
 
 # ----------------------------------------------------------------------------------------------------- construction
@@ -380,6 +412,22 @@ def build_trainer(recipe: Recipe) -> Trainer:
         synthetic_samples=recipe.data.synthetic_samples,
         image_size=recipe.data.image_size,
     )
+    callbacks = _named_objects("callbacks", recipe.callbacks, callback_registry())
+    for callback in callbacks:
+        if isinstance(callback, ShiftConsistencyMonitor) and callback.dataloader is None:
+            # The Trainer's eval images are centre crops at the crop size: the measurement needs its own loader of
+            # images prepared at crop_size + max_shift (ImageNet: Resize 256 + CenterCrop 256).
+            callback.dataloader = data.build_consistency_dataloader(
+                recipe.data.name,
+                root=recipe.data.root,
+                side=_consistency_side(recipe, callback),
+                batch_size=recipe.eval_batch_size // world_size,
+                num_workers=recipe.data.num_workers,
+                seed=recipe.seed,
+                num_classes=recipe.model.num_classes,
+                synthetic_samples=recipe.data.synthetic_samples,
+                image_size=recipe.data.image_size,
+            )
     return Trainer(
         run_name=recipe.run_name,
         model=model,
@@ -390,7 +438,7 @@ def build_trainer(recipe: Recipe) -> Trainer:
         optimizers=_optimizer(recipe, model),
         schedulers=_scheduler(recipe),
         algorithms=_named_objects("algorithms", recipe.algorithms, algorithm_registry()),
-        callbacks=_named_objects("callbacks", recipe.callbacks, callback_registry()),
+        callbacks=callbacks,
         loggers=_named_objects("loggers", recipe.loggers, LOGGERS),
         precision=_precision(recipe, device),
         device=device,
@@ -408,18 +456,33 @@ def build_trainer(recipe: Recipe) -> Trainer:
 
 @dataclass
 class RunSummary:
-    """What a finished run reports: top-1 accuracy (percent, reduced over ranks), wall time in seconds."""
+    """What a finished run reports (the same on every rank).
+
+    Attributes:
+        run_name: Composer's run name.
+        accuracy: final top-1 accuracy in percent, reduced over ranks.
+        wall_time: seconds from building the Trainer to the end of the final evaluation.
+        algorithms: class names of the run's algorithms.
+        shift_consistency: mode -> the last consistency (percent) of each ShiftConsistencyMonitor.
+        throughput: the ThroughputMonitor's fit summary (``samples_per_sec``, ``peak_memory_bytes``, ...), if any.
+    """
 
     run_name: str
     accuracy: float
     wall_time: float
     algorithms: list[str]
+    shift_consistency: dict[str, float] = field(default_factory=dict)
+    throughput: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (
-            f"{self.run_name}: top-1 accuracy {self.accuracy:.2f} %, wall time {self.wall_time:.1f} s, "
-            f"algorithms: {', '.join(self.algorithms) or 'none'}"
-        )
+        parts = [f"top-1 accuracy {self.accuracy:.2f} %"]
+        parts += [f"{mode} consistency {value:.2f} %" for mode, value in self.shift_consistency.items()]
+        if "samples_per_sec" in self.throughput:
+            parts.append(f"{self.throughput['samples_per_sec']:.0f} samples/s")
+        if self.throughput.get("peak_memory_bytes"):
+            parts.append(f"peak memory {self.throughput['peak_memory_bytes'] / 2**20:.0f} MiB")
+        parts.append(f"wall time {self.wall_time:.1f} s")
+        return f"{self.run_name}: {', '.join(parts)}, algorithms: {', '.join(self.algorithms) or 'none'}"
 
 
 def _top1(trainer: Trainer) -> float:
@@ -441,11 +504,18 @@ def run_recipe(recipe: Recipe, *, trainer_hook: Callable[[Trainer], None] | None
     if trainer_hook is not None:
         trainer_hook(trainer)
     trainer.fit()
+    callbacks = trainer.state.callbacks
     summary = RunSummary(
         run_name=trainer.state.run_name,
         accuracy=_top1(trainer),
         wall_time=time.perf_counter() - started,
         algorithms=[type(a).__name__ for a in trainer.state.algorithms],
+        shift_consistency={
+            c.mode: c.last_value
+            for c in callbacks
+            if isinstance(c, ShiftConsistencyMonitor) and c.last_value is not None
+        },
+        throughput=next((dict(c.summary) for c in callbacks if isinstance(c, ThroughputMonitor) and c.summary), {}),
     )
     trainer.close()
     return summary

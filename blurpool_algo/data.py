@@ -38,9 +38,11 @@ __all__ = [
     "MNIST5K_SIZE",
     "MNIST5K_STD",
     "MNIST5k",
+    "build_consistency_dataloader",
     "build_dataloaders",
     "build_sampler",
     "check_data",
+    "consistency_image_size",
     "load_mnist5k",
     "mnist5k_split",
     "num_classes",
@@ -340,6 +342,22 @@ def _imagenet_datasets(root: Path, image_size: int) -> tuple[Dataset, Dataset]:
     return ImageFolder(root / "train", train_transform), ImageFolder(root / "val", eval_transform)
 
 
+def _imagenet_consistency_dataset(root: Path, side: int) -> Dataset:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    # The paper's protocol at any size: Resize(side) + CenterCrop(side), e.g. 256 for 224 crops shifted up to 32.
+    transform = transforms.Compose(
+        [
+            transforms.Resize(side),
+            transforms.CenterCrop(side),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    return ImageFolder(root / "val", transform)
+
+
 def _synthetic_datasets(
     *, samples: int, eval_samples: int, image_size: int, classes: int, seed: int
 ) -> tuple[Dataset, Dataset]:
@@ -449,3 +467,83 @@ def build_dataloaders(
     train_loader = DataLoader(train_set, batch_size=train_batch_size, sampler=train_sampler, drop_last=True, **common)
     eval_loader = DataLoader(eval_set, batch_size=eval_batch_size, sampler=eval_sampler, drop_last=False, **common)
     return train_loader, eval_loader
+
+
+def consistency_image_size(name: str, image_size: int | None = None) -> int | None:
+    """The side of the images a shift-consistency loader of ``name`` can offer: None = any (imagenet resizes).
+
+    mnist5k images are always :data:`MNIST5K_SIZE`; synthetic ones ``image_size`` (default 32).
+    """
+    _check_name(name)
+    if name == "imagenet":
+        return None
+    return MNIST5K_SIZE if name == "mnist5k" else image_size or 32
+
+
+def build_consistency_dataloader(
+    name: str,
+    *,
+    root: str | os.PathLike[str] | None,
+    side: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    num_classes: int = 10,
+    synthetic_samples: int = 64,
+    image_size: int | None = None,
+) -> DataLoader:
+    """Validation images of one rank, prepared for shift consistency at ``side = crop_size + max_shift`` pixels.
+
+    ImageNet: Resize(side) + CenterCrop(side), the paper's Resize 256 + CenterCrop 256 for 224 crops and shifts up to
+    32. mnist5k and synthetic: their usual validation images, which must be at least ``side`` px (the metrics
+    centre-crop a larger image to the window). The order is fixed and every sample is kept (the metrics leave out
+    the padding a distributed sampler adds).
+
+    Args:
+        name: one of :data:`DATASETS`.
+        root: the dataset folder (``imagenet`` only).
+        side: ``crop_size + max_shift`` of the measurement.
+        batch_size: images per batch, per rank.
+        num_workers: dataloader worker processes per rank.
+        seed: the synthetic data's seed (the same data as :func:`build_dataloaders`' eval loader).
+        num_classes: classes of the synthetic labels.
+        synthetic_samples: as for :func:`build_dataloaders`.
+        image_size: as for :func:`build_dataloaders` (synthetic: the image side).
+
+    Raises:
+        ValueError: an unknown dataset, a bad size, or images smaller than ``side``.
+    """
+    _check_name(name)
+    _positive_int(side, "side")
+    _positive_int(batch_size, "batch_size")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    available = consistency_image_size(name, image_size)
+    if available is not None and side > available:
+        raise ValueError(
+            f"{name} images are {available} px, smaller than crop_size + max_shift = {side}; choose them so their "
+            f"sum is at most {available}"
+        )
+    check_data(name, root)
+    if name == "imagenet":
+        dataset = _imagenet_consistency_dataset(_imagenet_root(root), side)
+    elif name == "mnist5k":
+        dataset = MNIST5k("val")
+    else:
+        _, dataset = _synthetic_datasets(
+            samples=synthetic_samples,
+            eval_samples=max(synthetic_samples // 2, batch_size),
+            image_size=image_size or 32,
+            classes=num_classes,
+            seed=seed,
+        )
+    sampler = build_sampler(dataset, shuffle=False, drop_last=False, seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        # The metrics re-wrap the loader to learn each sample's index, so workers kept alive here would sit idle.
+        persistent_workers=False,
+    )

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from blurpool_algo.callbacks import ShiftConsistencyMonitor
 from blurpool_algo.config import Recipe, RecipeError, build_trainer, load_recipe, run_recipe
 from blurpool_algo.layers import BlurConv2d, BlurMaxPool2d
 
@@ -118,6 +119,9 @@ def test_twins_differ_only_in_algorithms(family, imagenet_tree):
         (["load_path=/nonexistent/ckpt.pt"], "load_path", "/nonexistent/ckpt.pt"),
         (["model.num_classes=5"], "model.num_classes", "10 classes"),
         (["train_batch_size=8192"], "train_batch_size", "4000 training samples"),
+        (["callbacks.shift_consistency_monitor.crop_size=32"], "callbacks.shift_consistency_monitor", "36 px"),
+        (["callbacks.shift_consistency_monitor.mode=roll"], "callbacks.shift_consistency_monitor", "'circular'"),
+        (["callbacks.throughput_monitor.window_size=0"], "callbacks.throughput_monitor", "window_size"),
     ],
 )
 def test_recipe_errors_name_the_key_and_the_source(overrides, key, fragment):
@@ -233,14 +237,27 @@ def test_imagenet_recipe_trains_two_batches_on_a_folder_tree(imagenet_tree, tmp_
     assert 0.0 <= summary.accuracy <= 100.0
     assert summary.algorithms == ["ChannelsLast", "BlurPool"]
     assert list((tmp_path / "runs").glob("*/logs-rank0.txt"))
+    # The paper's protocol: the monitor's own loader prepares 256 px images for 224 px crops shifted up to 32.
+    monitor = next(c for c in seen["trainer"].state.callbacks if isinstance(c, ShiftConsistencyMonitor))
+    images, _ = next(iter(monitor.dataloader))
+    assert images.shape[-2:] == (256, 256)
+    assert 0.0 <= summary.shift_consistency["crop"] <= 100.0
+    assert summary.throughput["samples_per_sec"] > 0
 
 
 def test_quickstart_trains_a_few_batches():
     recipe = load_recipe(QUICKSTART, ["max_duration=3ba", *FAST])
     seen = {}
-    summary = run_recipe(recipe, trainer_hook=lambda t: seen.update(blur=_blur_layer_count(t)))
+    summary = run_recipe(recipe, trainer_hook=lambda t: seen.update(blur=_blur_layer_count(t), trainer=t))
     assert seen["blur"] == 7  # resnet10: max-pool + strided 3x3 and 1x1 convs of stages 2-4
     assert 0.0 <= summary.accuracy <= 100.0
+    # Consistency is measured at the end of training on all 1,000 validation digits, 28 px crops of the 36 px images.
+    monitor = next(c for c in seen["trainer"].state.callbacks if isinstance(c, ShiftConsistencyMonitor))
+    assert len(monitor.dataloader.dataset) == 1000
+    assert summary.shift_consistency == {"crop": monitor.last_value}
+    assert summary.throughput["num_batches"] == 2  # 3 batches, the first left out as warm-up
+    line = str(summary)
+    assert f"crop consistency {monitor.last_value:.2f} %" in line and "samples/s" in line
 
 
 def test_same_seed_same_initial_weights_whatever_ran_before():
