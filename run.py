@@ -1,37 +1,14 @@
-"""Train and evaluate a recipe.
+"""Train and evaluate a recipe: the entry for `python run.py -f ...` and `composer -n N run.py -f ...`.
 
     python run.py -f yamls/quickstart_blurpool.yaml [key=value ...]
     composer -n 8 run.py -f yamls/resnet50_blurpool.yaml data.root=/data/imagenet
 
-All the work lives in blurpool_algo.config; this file only parses arguments and reports.
+The work is in blurpool_algo.train (which `python -m blurpool_algo.train` also runs).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-f", "--file", required=True, help="recipe YAML, e.g. yamls/quickstart_blurpool.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/imagenet seed=3")
-    args = parser.parse_args(argv)
-
-    from composer.utils import dist
-
-    from blurpool_algo.config import RecipeError, load_recipe, run_recipe
-
-    try:
-        recipe = load_recipe(args.file, args.overrides)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    summary = run_recipe(recipe)
-    if dist.get_global_rank() == 0:
-        print(f"\nsummary: {summary}", flush=True)
-    return 0
-
+from blurpool_algo.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -491,6 +491,10 @@ class RunSummary:
     algorithms: list[str]
     shift_consistency: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
+    #: Logged key -> ``[batch, value]`` pairs over training, for :data:`HISTORY_KEYS` (the A/B runner plots them).
+    history: dict[str, list[list[float]]] = field(default_factory=dict)
+    #: The diagonal stability curve at the end of training, when asked for (``run_recipe(..., stability=True)``).
+    stability: DiagonalStability | None = None
 
     def __str__(self) -> str:
         parts = [f"top-1 accuracy {self.accuracy:.2f} %"]
@@ -503,6 +507,43 @@ class RunSummary:
         return f"{self.run_name}: {', '.join(parts)}, algorithms: {', '.join(self.algorithms) or 'none'}"
 
 
+#: The logged series a run's summary keeps: eval top-1 (fraction), windowed throughput, shift consistency.
+HISTORY_KEYS: tuple[str, ...] = (
+    "metrics/eval/MulticlassAccuracy",
+    "throughput/samples_per_sec",
+    "metrics/shift_consistency/crop",
+    "metrics/shift_consistency/circular",
+)
+
+
+class _History(LoggerDestination):
+    """Keeps the :data:`HISTORY_KEYS` series only: an InMemoryLogger would hold every key of every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.series: dict[str, list[list[float]]] = {}
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        for key in HISTORY_KEYS:
+            if key in metrics:
+                self.series.setdefault(key, []).append([float(step or 0), float(metrics[key])])
+
+
+def _final_stability(trainer: Trainer) -> DiagonalStability | None:
+    """The diagonal curve on the first ShiftConsistencyMonitor's loader and protocol (None without a monitor)."""
+    monitor = next((c for c in trainer.state.callbacks if isinstance(c, ShiftConsistencyMonitor)), None)
+    if monitor is None or monitor.dataloader is None or monitor.mode != "crop":
+        return None
+    with get_precision_context(trainer.state.precision, trainer.state.precision_config):
+        return diagonal_stability(
+            trainer.state.model.module,
+            monitor.dataloader,
+            max_shift=monitor.max_shift,
+            crop_size=monitor.crop_size,
+            num_batches=monitor.num_batches,
+        )
+
+
 def _top1(trainer: Trainer) -> float:
     metrics = trainer.state.eval_metrics.get("eval", {})
     accuracy = metrics.get("MulticlassAccuracy")
@@ -512,13 +553,18 @@ def _top1(trainer: Trainer) -> float:
     return 100.0 * float(accuracy.compute())
 
 
-def run_recipe(recipe: Recipe, *, trainer_hook: Callable[[Trainer], None] | None = None) -> RunSummary:
+def run_recipe(
+    recipe: Recipe, *, trainer_hook: Callable[[Trainer], None] | None = None, stability: bool = False
+) -> RunSummary:
     """Trains and evaluates a validated recipe; returns the summary (the same on every rank).
 
-    ``trainer_hook`` runs on the built Trainer before ``fit`` (tests use it to attach loggers).
+    ``trainer_hook`` runs on the built Trainer before ``fit`` (tests use it to attach loggers). ``stability`` adds
+    the diagonal stability curve after training, on the recipe's shift-consistency protocol (crop mode).
     """
     started = time.perf_counter()
     trainer = build_trainer(recipe)
+    history = _History()
+    trainer.logger.destinations = (*trainer.logger.destinations, history)
     if trainer_hook is not None:
         trainer_hook(trainer)
     trainer.fit()
@@ -534,9 +580,18 @@ def run_recipe(recipe: Recipe, *, trainer_hook: Callable[[Trainer], None] | None
             if isinstance(c, ShiftConsistencyMonitor) and c.last_value is not None
         },
         throughput=next((dict(c.summary) for c in callbacks if isinstance(c, ThroughputMonitor) and c.summary), {}),
+        history=history.series,
     )
+    if stability:
+        summary.stability = _final_stability(trainer)
     trainer.close()
     return summary
+
+
+def write_summary_json(summary: RunSummary, path: str | os.PathLike[str]) -> None:
+    """Writes ``summary`` as JSON under a temporary name, then renames it: the file appears whole or not at all."""
+    payload = asdict(summary)
+    _write_json_atomically(os.fspath(path), payload)
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation
