@@ -172,6 +172,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def _write_atomically(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; the result is an ordinary file
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(temporary, path)
@@ -291,7 +292,8 @@ def compare(baseline: dict[str, Any], treatment: dict[str, Any]) -> dict[str, An
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     critical = _T_975[max(1, math.floor(df)) - 1] if df < len(_T_975) + 1 else 1.96
     result.update(t=t, df=df, beyond_noise=abs(t) > critical)
-    result["verdict"] = f"{'beyond' if abs(t) > critical else 'within'} seed noise (|t| {abs(t):.2f} vs {critical:.2f})"
+    side = "beyond" if abs(t) > critical else "within"
+    result["verdict"] = f"{side} seed noise (t = {t:+.2f}, limit ±{critical:.2f})"
     return result
 
 
@@ -362,10 +364,11 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     for metric, (label, unit, _) in METRICS.items():
         delta = report["delta"][metric]
         digits = 0 if unit in ("samples/s", "MiB") else 2
+        # Differences of percentages are percentage points.
         difference = (
             "n/a"
             if math.isnan(delta["difference"])
-            else f"{delta['difference']:+.{digits}f} {unit} ({100 * delta['relative']:+.1f} %)"
+            else f"{delta['difference']:+.{digits}f} {'pp' if unit == '%' else unit} ({100 * delta['relative']:+.1f} %)"
         )
         rows.append([
             label,
@@ -402,8 +405,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         [
             "# A/B report",
             "",
-            f"Baseline `{report['recipes']['baseline']['path']}` vs treatment `{report['recipes']['treatment']['path']}`,"
-            f" seeds {', '.join(map(str, report['seeds']))}, mean ± sample standard deviation over the seeds.",
+            f"Baseline `{report['recipes']['baseline']['path']}` vs treatment "
+            f"`{report['recipes']['treatment']['path']}`, seeds {', '.join(map(str, report['seeds']))}; "
+            "mean ± sample standard deviation over the seeds.",
             "",
             *table,
             "",

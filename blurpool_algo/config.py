@@ -659,6 +659,7 @@ def consistency_protocol(recipe: Recipe, max_shift: int | None = None, crop_size
 def _write_json_atomically(path: str, payload: Any) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path) or ".")
     try:
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; the result is an ordinary file
         with os.fdopen(handle, "w") as stream:
             json.dump(payload, stream, indent=2)
             stream.write("\n")

@@ -575,6 +575,7 @@ def plot_diagonal_stability(curves: Mapping[str, DiagonalStability], path: str |
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(handle)
     try:
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; the result is an ordinary file
         figure.savefig(temporary, format="png", dpi=120)
         os.replace(temporary, path)
     except BaseException:
