@@ -112,7 +112,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         flat: dict[str, Any] = {}
         for key, value in tree.items():
             flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat or {prefix.rstrip("."): {}}
+        # An empty section (``algorithms: {}``) is no key; an entry with all defaults (``blurpool: {}``) is one.
+        return flat or ({prefix.rstrip("."): {}} if prefix.count(".") > 1 else {})
     return {prefix.rstrip("."): tree}
 
 
