@@ -328,7 +328,9 @@ def validate_recipe(recipe: Recipe) -> None:
     _named_objects("algorithms", recipe.algorithms, algorithm_registry())
     for callback in _named_objects("callbacks", recipe.callbacks, callback_registry()):
         if isinstance(callback, ShiftConsistencyMonitor):
-            _check_consistency_size(recipe, callback)
+            _check_consistency_size(
+                "callbacks.shift_consistency_monitor", recipe, callback.mode, callback.max_shift, callback.crop_size
+            )
     _named_objects("loggers", recipe.loggers, LOGGERS)
     if recipe.autoresume and not (recipe.save_folder and recipe.run_name):
         raise RecipeError("autoresume", "needs save_folder and run_name (to find the run's latest checkpoint)")
@@ -344,28 +346,32 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError("load_path", f"checkpoint not found: {recipe.load_path}")
 
 
-def _consistency_side(recipe: Recipe, monitor: ShiftConsistencyMonitor) -> int:
+def _default_crop(recipe: Recipe, margin: int) -> int:
+    """The crop side a model of ``recipe`` sees in training, or what a fixed-size dataset leaves after ``margin``."""
+    available = data.consistency_image_size(recipe.data.name, recipe.data.image_size)
+    if available is not None:
+        return available - margin
+    return data.MNIST5K_SIZE if recipe.data.name == "mnist5k" else recipe.data.image_size or 224
+
+
+def _consistency_side(recipe: Recipe, mode: str, max_shift: int, crop_size: int | None) -> int:
     """Side of the images a shift-consistency measurement of ``recipe``'s data needs."""
-    available = data.consistency_image_size(recipe.data.name, recipe.data.image_size)
-    if monitor.mode == "crop":
-        if monitor.crop_size is None:
-            return available if available is not None else (recipe.data.image_size or 224) + monitor.max_shift
-        return monitor.crop_size + monitor.max_shift
-    # Circular shifts need no margin: the images are rolled at the crop size (or as they come).
-    return monitor.crop_size or available or recipe.data.image_size or 224
+    if mode == "crop":
+        return (crop_size or _default_crop(recipe, max_shift)) + max_shift
+    # Circular shifts need no margin: the images are rolled at the crop size.
+    return crop_size or _default_crop(recipe, 0)
 
 
-def _check_consistency_size(recipe: Recipe, monitor: ShiftConsistencyMonitor) -> None:
-    side = _consistency_side(recipe, monitor)
+def _check_consistency_size(key: str, recipe: Recipe, mode: str, max_shift: int, crop_size: int | None) -> None:
+    side = _consistency_side(recipe, mode, max_shift, crop_size)
     available = data.consistency_image_size(recipe.data.name, recipe.data.image_size)
+    what = "crop_size + max_shift" if mode == "crop" else "crop_size"
     if available is not None and side > available:
-        what = "crop_size + max_shift" if monitor.mode == "crop" else "crop_size"
-        raise RecipeError(
-            "callbacks.shift_consistency_monitor",
-            f"{what} = {side} px exceeds the {available} px images of {recipe.data.name}",
-        )
-    if monitor.mode == "crop" and side - monitor.max_shift < 1:
-        raise RecipeError("callbacks.shift_consistency_monitor.max_shift", f"leaves no crop of the {side} px images")
+        raise RecipeError(key, f"{what} = {side} px exceeds the {available} px images of {recipe.data.name}")
+    if recipe.data.name == "mnist5k" and side < 28:
+        raise RecipeError(key, f"{what} = {side} px is smaller than the 28 px mnist5k digits")
+    if mode == "crop" and side - max_shift < 1:
+        raise RecipeError(key, f"max_shift {max_shift} leaves no crop of the {side} px images")
 
 
 # ----------------------------------------------------------------------------------------------------- construction
@@ -437,7 +443,7 @@ def build_trainer(recipe: Recipe, *, strict_load: bool = False) -> Trainer:
             callback.dataloader = data.build_consistency_dataloader(
                 recipe.data.name,
                 root=recipe.data.root,
-                side=_consistency_side(recipe, callback),
+                side=_consistency_side(recipe, callback.mode, callback.max_shift, callback.crop_size),
                 batch_size=recipe.eval_batch_size // world_size,
                 num_workers=recipe.data.num_workers,
                 seed=recipe.seed,
@@ -632,27 +638,22 @@ class Evaluation:
 
 def consistency_protocol(recipe: Recipe, max_shift: int | None = None, crop_size: int | None = None) -> tuple[int, int]:
     """``(max_shift, crop_size)`` for measuring a recipe's model: given values, else the recipe's
-    ``shift_consistency_monitor``, else the dataset's (imagenet: 32 and the training crop, mnist5k: 8 and 28)."""
+    ``shift_consistency_monitor``, else the dataset's (imagenet: 32 and the training crop, mnist5k: 8 and 36)."""
     options = _options("callbacks.shift_consistency_monitor", recipe.callbacks.get("shift_consistency_monitor"))
-    available = data.consistency_image_size(recipe.data.name, recipe.data.image_size)
     if max_shift is None:
-        # The paper's 32 px at 224; mnist5k's digits sit in a 36 px frame that holds 28 px crops shifted up to 8.
-        dataset_default = {"imagenet": 32, "mnist5k": data.MNIST5K_SIZE - 28}.get(recipe.data.name)
+        # The paper's 32 px at 224 px; mnist5k trains with shifts of up to 4 px either way, a range of 8.
+        dataset_default = {"imagenet": 32, "mnist5k": 2 * data.MNIST5K_MAX_SHIFT}.get(recipe.data.name)
+        available = data.consistency_image_size(recipe.data.name, recipe.data.image_size)
         max_shift = options.get("max_shift") or dataset_default or max(1, (available or 32) // 8)
-    if crop_size is None:
-        crop_size = options.get("crop_size") or (
-            (recipe.data.image_size or 224) if available is None else available - max_shift
-        )
     for key, value in (("max_shift", max_shift), ("crop_size", crop_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise RecipeError(f"--{key.replace('_', '-')}", f"must be an int >= 1, got {value!r}", "command line")
-    if available is not None and crop_size + max_shift > available:
-        raise RecipeError(
-            "--crop-size",
-            f"crop_size + max_shift = {crop_size + max_shift} px exceeds the {available} px images of "
-            f"{recipe.data.name}",
-            "command line",
-        )
+    if crop_size is None:
+        crop_size = options.get("crop_size") or _default_crop(recipe, max_shift)
+    try:
+        _check_consistency_size("--crop-size", recipe, "crop", max_shift, crop_size)
+    except RecipeError as error:
+        raise error.with_source("command line") from None
     return max_shift, crop_size
 
 

@@ -268,25 +268,38 @@ class MNIST5k(Dataset):
         split: ``'train'`` (4,000 digits) or ``'val'`` (1,000).
         augment: random shifts; defaults to True for ``'train'``, False for ``'val'``.
         max_shift: largest shift per axis in pixels.
+        size: side of the images, >= 28: the digit centred in a zero frame (36 by default; shift-consistency
+            measurements take larger frames, to crop 36 px views at several offsets).
     """
 
-    def __init__(self, split: str = "train", *, augment: bool | None = None, max_shift: int = MNIST5K_MAX_SHIFT):
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        augment: bool | None = None,
+        max_shift: int = MNIST5K_MAX_SHIFT,
+        size: int = MNIST5K_SIZE,
+    ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
             raise ValueError(f"max_shift must be an int >= 0, got {max_shift!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 28:
+            raise ValueError(f"size must be an int >= 28 (the digits are 28 px), got {size!r}")
         images, labels = _mnist5k_raw()
         train, val = _mnist5k_split_cached()
         indices = train if split == "train" else val
         self.split = split
         self.augment = split == "train" if augment is None else augment
         self.max_shift = max_shift
+        self.size = size
         self.labels = labels[indices]
         self.targets: list[int] = self.labels.tolist()
         # A canvas with max_shift extra zeros on each side: any shift is then a plain slice, no copy until the
         # normalization below.
-        margin = MNIST5K_PAD + max_shift
-        self._canvas = torch.nn.functional.pad(images[indices], (margin, margin, margin, margin))
+        before = (size - 28) // 2 + max_shift
+        after = size - 28 - (size - 28) // 2 + max_shift
+        self._canvas = torch.nn.functional.pad(images[indices], (before, after, before, after))
         # x_norm = (x / 255 - mean) / std, folded into one multiply-add on the uint8 values.
         self._scale = 1.0 / (255.0 * MNIST5K_STD)
         self._shift = -MNIST5K_MEAN / MNIST5K_STD
@@ -299,7 +312,7 @@ class MNIST5k(Dataset):
         if self.augment and self.max_shift > 0:
             # Crop offset max_shift is the unshifted image; offsets 0..2*max_shift shift by -max_shift..max_shift.
             top, left = torch.randint(0, 2 * self.max_shift + 1, (2,)).tolist()
-        crop = self._canvas[index, top : top + MNIST5K_SIZE, left : left + MNIST5K_SIZE]
+        crop = self._canvas[index, top : top + self.size, left : left + self.size]
         image = crop.to(torch.float32).mul_(self._scale).add_(self._shift)
         # repeat, not expand: callers may modify the image in place.
         return image.unsqueeze(0).repeat(3, 1, 1), self.targets[index]
@@ -470,14 +483,15 @@ def build_dataloaders(
 
 
 def consistency_image_size(name: str, image_size: int | None = None) -> int | None:
-    """The side of the images a shift-consistency loader of ``name`` can offer: None = any (imagenet resizes).
+    """The largest side a shift-consistency loader of ``name`` can offer: None = any.
 
-    mnist5k images are always :data:`MNIST5K_SIZE`; synthetic ones ``image_size`` (default 32).
+    ImageNet resizes to any size, and mnist5k frames its digits in as much zero border as asked; synthetic images are
+    ``image_size`` (default 32).
     """
     _check_name(name)
-    if name == "imagenet":
+    if name in ("imagenet", "mnist5k"):
         return None
-    return MNIST5K_SIZE if name == "mnist5k" else image_size or 32
+    return image_size or 32
 
 
 def build_consistency_dataloader(
@@ -495,9 +509,10 @@ def build_consistency_dataloader(
     """Validation images of one rank, prepared for shift consistency at ``side = crop_size + max_shift`` pixels.
 
     ImageNet: Resize(side) + CenterCrop(side), the paper's Resize 256 + CenterCrop 256 for 224 crops and shifts up to
-    32. mnist5k and synthetic: their usual validation images, which must be at least ``side`` px (the metrics
-    centre-crop a larger image to the window). The order is fixed and every sample is kept (the metrics leave out
-    the padding a distributed sampler adds).
+    32. mnist5k: the validation digits centred in a ``side`` px zero frame (the quickstart trains on 36 px frames, so
+    36 px crops of a 44 px frame see the digit as training did, shifted by up to 4 px either way). synthetic: its
+    validation images, which must be at least ``side`` px (the metrics centre-crop a larger image to the window).
+    The order is fixed and every sample is kept (the metrics leave out the padding a distributed sampler adds).
 
     Args:
         name: one of :data:`DATASETS`.
@@ -528,7 +543,9 @@ def build_consistency_dataloader(
     if name == "imagenet":
         dataset = _imagenet_consistency_dataset(_imagenet_root(root), side)
     elif name == "mnist5k":
-        dataset = MNIST5k("val")
+        if side < 28:
+            raise ValueError(f"mnist5k digits are 28 px, larger than crop_size + max_shift = {side}")
+        dataset = MNIST5k("val", size=side)
     else:
         _, dataset = _synthetic_datasets(
             samples=synthetic_samples,

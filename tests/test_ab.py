@@ -17,6 +17,9 @@ from scipy import stats
 
 from blurpool_algo.ab import ABError, compare, describe_values, parse_seeds
 
+# One worker runs the whole module, so its trained fixture is built once.
+pytestmark = pytest.mark.xdist_group("ab")
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "yamls" / "quickstart_baseline.yaml"
 TREATMENT = ROOT / "yamls" / "quickstart_blurpool.yaml"

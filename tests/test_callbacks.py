@@ -503,7 +503,9 @@ def test_shift_monitor_num_batches_bounds_each_measurement():
                 yield torch.randn(4, 3, 20, 20), torch.zeros(4, dtype=torch.long)
 
     loader = CountingLoader()
-    trainer = _consistency_trainer(ShiftConsistencyMonitor(loader, max_shift=4, crop_size=16, num_batches=3), duration="2ep")
+    trainer = _consistency_trainer(
+        ShiftConsistencyMonitor(loader, max_shift=4, crop_size=16, num_batches=3), duration="2ep"
+    )
     trainer.fit()
     assert loader.batches == 2 * 3
 

@@ -119,7 +119,7 @@ def test_twins_differ_only_in_algorithms(family, imagenet_tree):
         (["load_path=/nonexistent/ckpt.pt"], "load_path", "/nonexistent/ckpt.pt"),
         (["model.num_classes=5"], "model.num_classes", "10 classes"),
         (["train_batch_size=8192"], "train_batch_size", "4000 training samples"),
-        (["callbacks.shift_consistency_monitor.crop_size=32"], "callbacks.shift_consistency_monitor", "36 px"),
+        (["callbacks.shift_consistency_monitor.crop_size=12"], "callbacks.shift_consistency_monitor", "28 px mnist5k"),
         (["callbacks.shift_consistency_monitor.mode=roll"], "callbacks.shift_consistency_monitor", "'circular'"),
         (["callbacks.throughput_monitor.window_size=0"], "callbacks.throughput_monitor", "window_size"),
     ],
@@ -251,7 +251,7 @@ def test_quickstart_trains_a_few_batches():
     summary = run_recipe(recipe, trainer_hook=lambda t: seen.update(blur=_blur_layer_count(t), trainer=t))
     assert seen["blur"] == 7  # resnet10: max-pool + strided 3x3 and 1x1 convs of stages 2-4
     assert 0.0 <= summary.accuracy <= 100.0
-    # Consistency is measured at the end of training on all 1,000 validation digits, 28 px crops of the 36 px images.
+    # Consistency is measured at the end of training on all 1,000 validation digits, 36 px crops of 44 px frames.
     monitor = next(c for c in seen["trainer"].state.callbacks if isinstance(c, ShiftConsistencyMonitor))
     assert len(monitor.dataloader.dataset) == 1000
     assert summary.shift_consistency == {"crop": monitor.last_value}

@@ -628,3 +628,23 @@ def test_worker_processes_reproduce_the_augmentation():
     first, replay, other = first_batch(0), first_batch(0), first_batch(1)
     assert torch.equal(first, replay)
     assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("size", [28, 36, 44, 45])
+def test_mnist5k_frames_of_any_size_hold_the_same_centred_digit(size):
+    framed, usual = MNIST5k("val", size=size), MNIST5k("val")
+    image, label = framed[7]
+    reference, reference_label = usual[7]
+    assert image.shape == (3, size, size) and label == reference_label
+    # The 28 px digit sits at the same place relative to each frame's centre; the rest is zero border.
+    top = (size - 28) // 2
+    assert torch.equal(image[:, top : top + 28, top : top + 28], reference[:, 4:32, 4:32])
+    background = reference[0, 0, 0]
+    border = image.clone()
+    border[:, top : top + 28, top : top + 28] = background
+    assert torch.all(border == background)
+
+
+def test_mnist5k_refuses_frames_smaller_than_the_digits():
+    with pytest.raises(ValueError, match="size must be an int >= 28"):
+        MNIST5k("val", size=27)

@@ -15,6 +15,9 @@ import pytest
 
 from blurpool_algo.config import RecipeError, evaluate_recipe, load_recipe, run_recipe
 
+# One worker runs the whole module, so its trained fixture is built once.
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 ROOT = Path(__file__).resolve().parents[1]
 BLURPOOL = ROOT / "yamls" / "quickstart_blurpool.yaml"
 BASELINE = ROOT / "yamls" / "quickstart_baseline.yaml"
@@ -41,7 +44,7 @@ def test_cli_reproduces_the_runs_numbers_and_writes_whole_files(trained, tmp_pat
     assert report["accuracy"] == pytest.approx(summary.accuracy, abs=1e-9)
     assert report["crop_consistency"] == pytest.approx(summary.shift_consistency["crop"], abs=1e-9)
     assert 0.0 <= report["circular_consistency"] <= 100.0
-    assert (report["max_shift"], report["crop_size"], report["num_images"]) == (8, 28, 1000)
+    assert (report["max_shift"], report["crop_size"], report["num_images"]) == (8, 36, 1000)
     assert report["diagonal_stability"]["offsets"] == [0, 2, 4, 6, 8]
     assert (out / "diagonal_stability.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.iterdir()) == ["diagonal_stability.png", "evaluation.json"]
@@ -59,7 +62,7 @@ def test_a_blurpool_checkpoint_under_the_baseline_recipe_gets_its_blur_back(trai
     ("overrides", "options", "fragment"),
     [
         (["model.name=resnet18"], {}, "into the recipe's resnet18"),
-        ([], {"crop_size": 30}, "crop_size + max_shift = 38 px exceeds the 36 px images"),
+        ([], {"crop_size": 12}, "crop_size + max_shift = 20 px is smaller than the 28 px mnist5k digits"),
         ([], {"max_shift": 0}, "--max-shift: must be an int >= 1"),
     ],
 )
