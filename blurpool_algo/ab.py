@@ -338,6 +338,7 @@ def build_report(plan: Plan, results: dict[str, dict[int, dict[str, Any]]]) -> d
         "command": plan.command,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seeds": plan.seeds,
+        "units": {metric: unit for metric, (_, unit, _) in METRICS.items()},
         "arms": arms,
         "delta": {metric: compare(arms["baseline"][metric], arms["treatment"][metric]) for metric in METRICS},
         "recipes": {arm: {"path": str(plan.recipe(arm)), "resolved": plan.resolved[arm]} for arm in ARMS},

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from blurpool_algo.metrics import shift_consistency, validate_consistency_options
 
-__all__ = ["ShiftConsistencyMonitor", "ThroughputMonitor"]
+__all__ = ["ShiftConsistencyMonitor", "ThroughputMonitor", "network_of"]
 
 _PROC_STATUS = "/proc/self/status"
 _PROC_CLEAR_REFS = "/proc/self/clear_refs"
@@ -311,7 +311,7 @@ class _BatchForward(nn.Module):
         return self.model((images, None))
 
 
-def _network(model: nn.Module) -> nn.Module:
+def network_of(model: nn.Module) -> nn.Module:
     """The images -> logits module inside the Trainer's model (past DDP and the ComposerClassifier wrapper)."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
@@ -394,7 +394,7 @@ class ShiftConsistencyMonitor(Callback):
         """Measures now, on every rank; returns the consistency in percent."""
         with get_precision_context(state.precision, state.precision_config):
             value = shift_consistency(
-                _network(state.model),
+                network_of(state.model),
                 self._loader(state),
                 mode=self.mode,
                 max_shift=self.max_shift,

@@ -37,7 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from blurpool_algo import data
 from blurpool_algo.algorithm import BlurPool
-from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor
+from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor, network_of
 from blurpool_algo.metrics import DiagonalStability, diagonal_stability, plot_diagonal_stability, shift_consistency
 from blurpool_algo.models import build_model, model_names, unknown_model_message
 
@@ -542,7 +542,7 @@ def _final_stability(trainer: Trainer) -> DiagonalStability | None:
         return None
     with get_precision_context(trainer.state.precision, trainer.state.precision_config):
         return diagonal_stability(
-            trainer.state.model.module,
+            network_of(trainer.state.model),
             monitor.dataloader,
             max_shift=monitor.max_shift,
             crop_size=monitor.crop_size,
@@ -717,7 +717,7 @@ def evaluate_recipe(
             synthetic_samples=recipe.data.synthetic_samples,
             image_size=recipe.data.image_size,
         )
-        network = trainer.state.model.module
+        network = network_of(trainer.state.model)
         common = {"max_shift": max_shift, "crop_size": crop_size, "num_batches": num_batches}
         with get_precision_context(trainer.state.precision, trainer.state.precision_config):
             crop = shift_consistency(network, loader, mode="crop", seed=seed, **common)

@@ -62,6 +62,8 @@ def test_every_report_file_with_the_schema(finished):
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "report.json").read_text())
     assert report["seeds"] == [17, 18]
+    units = {"accuracy": "%", "shift_consistency": "%", "samples_per_sec": "samples/s", "peak_memory": "MiB"}
+    assert report["units"] == {**units, "wall_time": "s"}
     for arm in ("baseline", "treatment"):
         runs = {seed: json.loads((out / "runs" / f"{arm}-seed{seed}.json").read_text()) for seed in (17, 18)}
         for metric in METRICS:

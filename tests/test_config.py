@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -300,12 +301,16 @@ def test_two_rank_launcher_run(tmp_path):
         port = probe.getsockname()[1]
     result = subprocess.run(
         [composer, "-n", "2", "--master_port", str(port), "run.py", "-f", str(QUICKSTART),
-         "max_duration=2ba", "train_batch_size=32", "eval_batch_size=100", *FAST],
+         "max_duration=2ba", "train_batch_size=32", "eval_batch_size=100", *FAST, "--diagonal-stability",
+         "--summary-json", str(tmp_path / "summary.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summaries = [line for line in result.stdout.splitlines() if line.startswith("summary:")]
     assert len(summaries) == 1, result.stdout[-3000:]
+    # Rank 0 wrote the summary, with a diagonal curve measured on both ranks over all 1,000 validation digits.
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stability"]["num_images"] == 1000 and len(summary["stability"]["offsets"]) == 9
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "multistep"])
