@@ -50,7 +50,11 @@ _T_975 = (
 
 
 class ABError(RuntimeError):
-    """An A/B that cannot start or finish; ``str()`` says what to do."""
+    """An A/B that cannot start (exit code 2) or finish (exit code 1); ``str()`` says what to do."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -153,7 +157,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.resolved[arm] = _resolved(plan.recipe(arm), plan.overrides)
         for seed in plan.seeds:  # an override may interact with the seed-specific keys
             _resolved(plan.recipe(arm), _run_overrides(plan, arm, seed))
-        plan.resolved[arm].pop("seed"), plan.resolved[arm].pop("run_name")
+        # Set per run: not part of what the arms share.
+        del plan.resolved[arm]["seed"], plan.resolved[arm]["run_name"]
     if plan.out.exists() and not plan.out.is_dir():
         raise ABError(f"--out {plan.out} exists and is not a folder")
     marker = plan.out / "ab.json"
@@ -241,7 +246,8 @@ def run_all(plan: Plan, log=print) -> dict[str, dict[int, dict[str, Any]]]:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise ABError(
                 f"the {arm} arm failed for seed {seed} (exit code {code}); no report was written. Its log: "
-                f"{log_path}; last lines:\n  " + "\n  ".join(tail)
+                f"{log_path}; last lines:\n  " + "\n  ".join(tail),
+                exit_code=1,
             )
         results[arm][seed] = json.loads(summary_path.read_text())
         log(f"{tag}: {_describe(results[arm][seed])}")
@@ -543,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(plan, results)
     except ABError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2 if "failed for seed" not in str(error) else 1
+        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted: no report written; rerun the same command to resume (finished runs are kept)",
               file=sys.stderr)  # fmt: skip
