@@ -310,14 +310,13 @@ def compare(baseline: dict[str, Any], treatment: dict[str, Any]) -> dict[str, An
 def _machine() -> dict[str, Any]:
     import torch
 
-    machine = {
+    return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    return machine
 
 
 def _versions() -> dict[str, str]:

@@ -407,6 +407,26 @@ def _scheduler(recipe: Recipe):
     return ConstantWithWarmupScheduler(t_warmup=sched.warmup)
 
 
+def _data_options(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's data keys as the keyword arguments of :mod:`blurpool_algo.data`'s loader builders."""
+    return {
+        "root": recipe.data.root,
+        "num_workers": recipe.data.num_workers,
+        "seed": recipe.seed,
+        "num_classes": recipe.model.num_classes,
+        "synthetic_samples": recipe.data.synthetic_samples,
+        "image_size": recipe.data.image_size,
+    }
+
+
+def _consistency_loader(recipe: Recipe, side: int) -> torch.utils.data.DataLoader:
+    """This rank's validation images at ``side`` px, for shift-consistency measurements."""
+    batch_size = recipe.eval_batch_size // dist.get_world_size()
+    return data.build_consistency_dataloader(
+        recipe.data.name, side=side, batch_size=batch_size, **_data_options(recipe)
+    )
+
+
 def build_trainer(recipe: Recipe, *, strict_load: bool = False) -> Trainer:
     """The Composer Trainer a validated recipe describes (model, data, optimizer, schedule, algorithms, ...).
 
@@ -426,31 +446,17 @@ def build_trainer(recipe: Recipe, *, strict_load: bool = False) -> Trainer:
     model = ComposerClassifier(network, num_classes=recipe.model.num_classes)
     train_loader, eval_loader = data.build_dataloaders(
         recipe.data.name,
-        root=recipe.data.root,
         train_batch_size=recipe.train_batch_size // world_size,
         eval_batch_size=recipe.eval_batch_size // world_size,
-        num_workers=recipe.data.num_workers,
-        seed=recipe.seed,
-        num_classes=recipe.model.num_classes,
-        synthetic_samples=recipe.data.synthetic_samples,
-        image_size=recipe.data.image_size,
+        **_data_options(recipe),
     )
     callbacks = _named_objects("callbacks", recipe.callbacks, callback_registry())
     for callback in callbacks:
         if isinstance(callback, ShiftConsistencyMonitor) and callback.dataloader is None:
             # The Trainer's eval images are centre crops at the crop size: the measurement needs its own loader of
             # images prepared at crop_size + max_shift (ImageNet: Resize 256 + CenterCrop 256).
-            callback.dataloader = data.build_consistency_dataloader(
-                recipe.data.name,
-                root=recipe.data.root,
-                side=_consistency_side(recipe, callback.mode, callback.max_shift, callback.crop_size),
-                batch_size=recipe.eval_batch_size // world_size,
-                num_workers=recipe.data.num_workers,
-                seed=recipe.seed,
-                num_classes=recipe.model.num_classes,
-                synthetic_samples=recipe.data.synthetic_samples,
-                image_size=recipe.data.image_size,
-            )
+            side = _consistency_side(recipe, callback.mode, callback.max_shift, callback.crop_size)
+            callback.dataloader = _consistency_loader(recipe, side)
     return Trainer(
         run_name=recipe.run_name,
         model=model,
@@ -706,17 +712,7 @@ def evaluate_recipe(
         ) from None
     try:
         accuracy = _top1(trainer)
-        loader = data.build_consistency_dataloader(
-            recipe.data.name,
-            root=recipe.data.root,
-            side=crop_size + max_shift,
-            batch_size=recipe.eval_batch_size // dist.get_world_size(),
-            num_workers=recipe.data.num_workers,
-            seed=recipe.seed,
-            num_classes=recipe.model.num_classes,
-            synthetic_samples=recipe.data.synthetic_samples,
-            image_size=recipe.data.image_size,
-        )
+        loader = _consistency_loader(recipe, crop_size + max_shift)
         network = network_of(trainer.state.model)
         common = {"max_shift": max_shift, "crop_size": crop_size, "num_batches": num_batches}
         with get_precision_context(trainer.state.precision, trainer.state.precision_config):

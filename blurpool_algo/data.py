@@ -373,8 +373,13 @@ def _imagenet_consistency_dataset(root: Path, side: int) -> Dataset:
 
 
 def _synthetic_datasets(
-    *, samples: int, eval_samples: int, image_size: int, classes: int, seed: int
+    *, samples: int, eval_batch_size: int, image_size: int | None, classes: int, seed: int
 ) -> tuple[Dataset, Dataset]:
+    """Seeded noise: ``samples`` to train on, half as many (at least one eval batch) to evaluate on."""
+    _positive_int(classes, "num_classes")
+    _positive_int(samples, "synthetic_samples")
+    image_size = image_size or 32
+    eval_samples = max(samples // 2, eval_batch_size)
     generator = torch.Generator().manual_seed(seed)
 
     def make(n: int) -> TensorDataset:
@@ -454,15 +459,10 @@ def build_dataloaders(
         check_data(name, root)
         train_set, eval_set = MNIST5k("train"), MNIST5k("val")
     else:
-        _positive_int(num_classes, "num_classes")
-        _positive_int(synthetic_samples, "synthetic_samples")
         train_set, eval_set = _synthetic_datasets(
-            samples=synthetic_samples,
-            eval_samples=max(synthetic_samples // 2, eval_batch_size),
-            image_size=image_size or 32,
-            classes=num_classes,
+            samples=synthetic_samples, eval_batch_size=eval_batch_size, image_size=image_size, classes=num_classes,
             seed=seed,
-        )
+        )  # fmt: skip
 
     train_sampler = build_sampler(train_set, shuffle=True, drop_last=True, seed=seed)
     eval_sampler = build_sampler(eval_set, shuffle=False, drop_last=False, seed=seed)
@@ -548,12 +548,9 @@ def build_consistency_dataloader(
             raise ValueError(f"mnist5k digits are 28 px, larger than crop_size + max_shift = {side}")
         dataset = MNIST5k("val", size=side)
     else:
+        # The same validation set as build_dataloaders' (same seed and sizes).
         _, dataset = _synthetic_datasets(
-            samples=synthetic_samples,
-            eval_samples=max(synthetic_samples // 2, batch_size),
-            image_size=image_size or 32,
-            classes=num_classes,
-            seed=seed,
+            samples=synthetic_samples, eval_batch_size=batch_size, image_size=image_size, classes=num_classes, seed=seed
         )
     sampler = build_sampler(dataset, shuffle=False, drop_last=False, seed=seed)
     return DataLoader(

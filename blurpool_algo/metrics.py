@@ -310,10 +310,10 @@ def _batches(dataloader: Iterable, num_batches: int | None) -> Iterator[_Batch]:
         if map_style:
             indices, batch = batch
         images, targets = _split(batch)
-        if not map_style:
-            indices = torch.arange(position, position + len(images))
         positions = torch.arange(position, position + len(images))
         position += len(images)
+        if not map_style:
+            indices = positions
         # DistributedSampler pads the tail by repeating samples; its k-th sample on rank r sits at k * R + r of the
         # padded order, which is padding when past the dataset's end.
         keep = (

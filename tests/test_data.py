@@ -25,6 +25,7 @@ from blurpool_algo.data import (
     MNIST5k,
     _mnist5k_raw,
     _mnist5k_split_cached,
+    build_consistency_dataloader,
     build_dataloaders,
     build_sampler,
     check_data,
@@ -648,3 +649,22 @@ def test_mnist5k_frames_of_any_size_hold_the_same_centred_digit(size):
 def test_mnist5k_refuses_frames_smaller_than_the_digits():
     with pytest.raises(ValueError, match="size must be an int >= 28"):
         MNIST5k("val", size=27)
+
+
+def test_consistency_loader_frames_mnist5k_and_reuses_the_synthetic_validation_set():
+    framed = build_consistency_dataloader("mnist5k", root=None, side=44, batch_size=250, num_workers=0, seed=0)
+    images, _ = next(iter(framed))
+    assert images.shape == (250, 3, 44, 44) and len(framed.dataset) == 1000
+    options = {"root": None, "num_workers": 0, "seed": 5, "synthetic_samples": 40, "image_size": 24}
+    _, evaluation = build_dataloaders("synthetic", train_batch_size=8, eval_batch_size=8, **options)
+    consistency = build_consistency_dataloader("synthetic", side=24, batch_size=8, **options)
+    assert torch.equal(consistency.dataset.tensors[0], evaluation.dataset.tensors[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "side", "message"),
+    [("mnist5k", 20, "mnist5k digits are 28 px"), ("synthetic", 40, "synthetic images are 32 px")],
+)
+def test_consistency_loader_refuses_images_that_cannot_hold_the_window(name, side, message):
+    with pytest.raises(ValueError, match=message):
+        build_consistency_dataloader(name, root=None, side=side, batch_size=4, num_workers=0, seed=0)
