@@ -75,8 +75,12 @@ def _pad(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
 
 
 @torch.fx.wrap
-def _blur_subsample(x: Tensor, blur_filter: Tensor, stride: list[int], pads: list[int], pad_mode: str) -> Tensor:
+def _blur_subsample(
+    x: Tensor, blur_filter: Tensor, stride: list[int], pads: list[int], pad_mode: str, any_channels: bool = False
+) -> Tensor:
     """Depthwise blur of ``x`` with ``blur_filter`` (shape ``(1 or C, 1, k, k)``), sampled every ``stride``.
+
+    ``any_channels`` uses the filter's first row for whatever channel count ``x`` has.
 
     One leaf node for ``torch.fx`` (the filter still enters the graph as a ``get_attr`` of the module's buffer): the
     channel count and the tiny-map padding fallback come from the input's shape, which symbolic tracing cannot feed
@@ -86,6 +90,10 @@ def _blur_subsample(x: Tensor, blur_filter: Tensor, stride: list[int], pads: lis
     if torch.jit.is_tracing():
         # Channel counts are structural constants, and ONNX export (a trace) needs a static kernel shape.
         channels = int(channels)
+    if any_channels and blur_filter.shape[0] != channels:
+        # The taps are the same for every channel: one row serves any channel count (a pointwise conv in
+        # blur_first=False mode blurs its input with the filter it holds for its output).
+        blur_filter = blur_filter[:1]
     # A view, no copy, when dtypes agree; the cast lets a pool (whose filter has no weight to follow) take any dtype.
     weight = blur_filter.to(x.dtype).expand(channels, -1, -1, -1)
     if pad_mode == "zeros" and pads[0] == pads[1] and pads[1] == pads[2] and pads[2] == pads[3]:
@@ -256,6 +264,8 @@ class BlurConv2d(_OptionalFilterOnLoad, nn.Conv2d):
         self.pad_mode = validate_pad_mode(pad_mode)
         self.blur_stride = [int(s) for s in self.stride]
         self.blur_pads = list(_blur_pads(filter_size))
+        # An unpadded 1x1 conv ("pointwise") can take its input already blurred and subsampled: see forward.
+        self.pointwise = self.kernel_size == (1, 1) and self.padding in ((0, 0), "valid")
         blurred_channels = in_channels if self.blur_first else out_channels
         _register_filter(self, blurred_channels, filter_size, device, dtype)
 
@@ -290,6 +300,15 @@ class BlurConv2d(_OptionalFilterOnLoad, nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         if self.filter_size == 1:
             return self._conv_forward(input, self.weight, self.bias)
+        if self.pointwise and (self.blur_first or self.bias is None or self.pad_mode != "zeros"):
+            # A pointwise conv reads only the samples its stride lands on, so blurring at its stride computes just
+            # those (a quarter of the blur at stride 2) and the conv runs at stride 1 on them. It also commutes with
+            # the blur (both linear; the blur treats every channel alike), so blur_first=False gets the same function
+            # without the stride**2 larger conv. A bias commutes too unless zero padding dims it near the border.
+            blurred = _blur_subsample(
+                input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, any_channels=True
+            )
+            return F.conv2d(blurred, self.weight, self.bias, 1, 0, 1, self.groups)
         if self.blur_first:
             blurred = _blur_subsample(input, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode)
             return self._conv_forward(blurred, self.weight, self.bias)

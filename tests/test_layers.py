@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurMaxPool2d, BlurPool2d, blur_pool2d
 
@@ -38,7 +39,15 @@ CENTER_WEIGHT_2D = {1: 1.0, 2: 1 / 4, 3: 1 / 4, 4: 9 / 64, 5: 36 / 256, 6: 100 /
 
 BLUR_COMBOS = list(itertools.product(range(1, 6), PAD_MODES))  # every filter size 1..5 x every pad mode
 SHAPE_SIZES = [(1, 1), (2, 2), (3, 3), (1, 4), (7, 8), (8, 7)]
-LAYER_KINDS = ["BlurPool2d", "BlurConv2d-blur_first", "BlurConv2d-blur_after", "BlurMaxPool2d", "BlurAvgPool2d"]
+LAYER_KINDS = [
+    "BlurPool2d",
+    "BlurConv2d-blur_first",
+    "BlurConv2d-blur_after",
+    "BlurConv2d-pointwise_first",  # an unpadded 1x1 conv: the blur runs at the conv's stride
+    "BlurConv2d-pointwise_after",  # the same, bias-free: blur_first=False takes that path too
+    "BlurMaxPool2d",
+    "BlurAvgPool2d",
+]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TOLERANCE = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
@@ -92,6 +101,10 @@ def make_layer(kind: str, *, dtype=None, pad_mode: str = "zeros", filter_size: i
     """One representative configuration per layer class (each exercising a different code path)."""
     if kind == "BlurPool2d":
         return BlurPool2d(channels, stride=2, filter_size=filter_size, pad_mode=pad_mode, dtype=dtype)
+    if kind.startswith("BlurConv2d-pointwise"):
+        blur_first = kind.endswith("first")
+        conv = nn.Conv2d(channels, 3, 1, stride=2, bias=blur_first, dtype=dtype)
+        return BlurConv2d.from_conv(conv, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode)
     if kind.startswith("BlurConv2d"):
         conv = nn.Conv2d(channels, 3, 3, stride=2, padding=1, dtype=dtype)
         blur_first = kind.endswith("blur_first")
@@ -232,6 +245,8 @@ TINY_SIZES = [(1, 1), (2, 2), (3, 3), (1, 3), (3, 2)]
 def _tiny_original(kind: str, stride: int):
     if kind == "BlurPool2d":
         return None
+    if kind.startswith("BlurConv2d-pointwise"):
+        return nn.Conv2d(IN_CHANNELS, 3, 1, stride, bias=kind.endswith("first"))
     if kind.startswith("BlurConv2d"):
         return nn.Conv2d(IN_CHANNELS, 3, 3, stride, padding=1)
     if kind == "BlurMaxPool2d":
@@ -244,7 +259,7 @@ def _replace(original, kind: str, filter_size: int, pad_mode: str, stride: int):
         return BlurPool2d(IN_CHANNELS, stride, filter_size, pad_mode)
     if kind.startswith("BlurConv2d"):
         return BlurConv2d.from_conv(
-            original, blur_first=kind.endswith("blur_first"), filter_size=filter_size, pad_mode=pad_mode
+            original, blur_first=kind.endswith("first"), filter_size=filter_size, pad_mode=pad_mode
         )
     if kind == "BlurMaxPool2d":
         return BlurMaxPool2d.from_maxpool(original, filter_size=filter_size, pad_mode=pad_mode)
@@ -581,6 +596,117 @@ def test_blur_first_default_is_true():
     assert BlurConv2d(2, 4, 3, 2, 1).blur_first is True
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Fast paths: each computes what the straightforward form computes, with less work
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _AtenCalls(TorchDispatchMode):
+    """Records the aten ops that run under it, with the shape of each one's (first) output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[int, ...] | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, tuple | list) else out
+        self.calls.append((func.overloadpacket.__name__, tuple(first.shape) if torch.is_tensor(first) else None))
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+POINTWISE_STRIDES = [2, 3, (2, 1), (1, 3)]
+
+
+@pytest.mark.parametrize("blur_first", [True, False], ids=["blur_first", "blur_after"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("pad_mode", PAD_MODES)
+@pytest.mark.parametrize("filter_size", [2, 3, 4, 5])
+def test_pointwise_conv_equals_the_straightforward_form(filter_size, pad_mode, bias, blur_first):
+    # The straightforward forms, from torch's own conv and the float64 reference blur: blur at stride 1 then the
+    # strided 1x1 conv (blur_first), or the 1x1 conv at stride 1 then blur-subsample. Outputs and every gradient.
+    for stride, groups, size in itertools.product(POINTWISE_STRIDES, (1, 2), ((9, 9), (8, 7), (2, 3), (1, 1))):
+        conv = nn.Conv2d(4, 6, 1, stride, groups=groups, bias=bias, dtype=torch.float64)
+        new = BlurConv2d.from_conv(conv, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode)
+        x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
+        if blur_first:
+            expected = conv(ref_blur_pool(x, filter_size, 1, pad_mode))
+        else:
+            dense = F.conv2d(x, conv.weight, conv.bias, groups=groups)
+            expected = ref_blur_pool(dense, filter_size, stride, pad_mode)
+        out = new(x)
+        torch.testing.assert_close(out, expected, msg=f"{stride} {groups} {size}")
+        grad_output = torch.randn_like(out)
+        inputs = (x, *conv.parameters())
+        for got, want in zip(
+            torch.autograd.grad(out, inputs, grad_output), torch.autograd.grad(expected, inputs, grad_output), strict=True
+        ):
+            torch.testing.assert_close(got, want, msg=f"gradient: {stride} {groups} {size}")
+
+
+@pytest.mark.parametrize("pad_mode", PAD_MODES)
+@pytest.mark.parametrize("blur_first", [True, False], ids=["blur_first", "blur_after"])
+def test_pointwise_conv_blurs_only_the_samples_it_reads(blur_first, pad_mode):
+    # A ResNet shortcut: 1x1, stride 2, no bias. No op may produce a full-resolution (16x16) map: the blur runs at the
+    # conv's stride in both orders, so it computes a quarter of the samples and the conv never runs at stride 1.
+    new = BlurConv2d.from_conv(nn.Conv2d(8, 16, 1, 2, bias=False), blur_first=blur_first, pad_mode=pad_mode)
+    with _AtenCalls() as record:
+        out = new(torch.randn(2, 8, 16, 16))
+    assert out.shape == (2, 16, 8, 8)
+    convolutions = [shape for name, shape in record.calls if name == "convolution"]
+    assert convolutions == [(2, 8, 8, 8), (2, 16, 8, 8)], record.calls
+
+
+def test_pointwise_conv_with_bias_and_zero_padding_keeps_the_dense_order():
+    # Zero padding dims a blurred constant near the border, so a bias does not commute with the blur there: this one
+    # case keeps conv-then-blur. The swapped order would differ on the border and agree inside, which is why.
+    conv = nn.Conv2d(4, 6, 1, 2, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        conv.bias.fill_(3.0)
+    new = BlurConv2d.from_conv(conv, blur_first=False)
+    x = torch.randn(1, 4, 10, 10, dtype=torch.float64)
+    with _AtenCalls() as record:
+        out = new(x)
+    assert [shape for name, shape in record.calls if name == "convolution"] == [(1, 6, 10, 10), (1, 6, 5, 5)]
+    torch.testing.assert_close(out, ref_blur_pool(F.conv2d(x, conv.weight, conv.bias), 3, 2, "zeros"))
+    swapped = F.conv2d(ref_blur_pool(x, 3, 2, "zeros"), conv.weight, conv.bias)
+    torch.testing.assert_close(swapped[..., 1:, 1:], out[..., 1:, 1:])  # the interior agrees
+    assert not torch.allclose(swapped[..., 0, :], out[..., 0, :])  # the top border does not
+
+
+# Ops that would copy or rebuild the filter (or the input) on every forward, as Composer's per-forward .repeat does.
+COPYING_OPS = {"repeat", "clone", "copy_", "_to_copy", "contiguous", "empty_like", "zeros_like", "cat", "stack"}
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_forward_makes_no_copies(kind, pad_mode, memory_format):
+    layer = make_layer(kind, pad_mode=pad_mode, channels=4).to(memory_format=memory_format)
+    x = torch.randn(2, 4, 9, 8).contiguous(memory_format=memory_format).requires_grad_(True)
+    with _AtenCalls() as record:
+        out = layer(x)
+    assert not COPYING_OPS & set(record.names), record.names
+    # Beyond the layer's own conv/pool calls, only views of the filter and the blur's padding.
+    allowed = {"convolution", "max_pool2d_with_indices", "avg_pool2d", "expand", "slice"}
+    allowed |= {"constant_pad_nd", "replication_pad2d", "reflection_pad2d"}
+    assert set(record.names) <= allowed, record.names
+    assert out.is_contiguous(memory_format=memory_format)
+
+
+def test_copy_detector_sees_composers_per_forward_repeat():
+    # The check above can fail: Composer's max-pool rebuilds its filter with .repeat in every forward.
+    from composer.algorithms.blurpool.blurpool_layers import BlurMaxPool2d as ComposerBlurMaxPool2d
+
+    with _AtenCalls() as record:
+        ComposerBlurMaxPool2d(3, 2, 1)(torch.randn(1, 4, 8, 8))
+    assert "repeat" in record.names
+
+
 @pytest.mark.parametrize("blur_first", [True, False])
 def test_constructor_equals_from_conv(blur_first):
     conv = nn.Conv2d(2, 4, 3, 2, 1, padding_mode="reflect")
@@ -789,13 +915,13 @@ def test_gradcheck(kind, pad_mode):
     layer = make_layer(kind, dtype=torch.float64, pad_mode=pad_mode, filter_size=4)
     x = torch.randn(1, IN_CHANNELS, 4, 5, dtype=torch.float64, requires_grad=True)
     if kind.startswith("BlurConv2d"):
-        weight = layer.weight.detach().clone().requires_grad_(True)
-        bias = layer.bias.detach().clone().requires_grad_(True)
+        names = [name for name, _ in layer.named_parameters()]
+        parameters = tuple(p.detach().clone().requires_grad_(True) for p in layer.parameters())
 
-        def fn(x, weight, bias):
-            return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
+        def fn(x, *parameters):
+            return torch.func.functional_call(layer, dict(zip(names, parameters, strict=True)), (x,))
 
-        assert torch.autograd.gradcheck(fn, (x, weight, bias))
+        assert torch.autograd.gradcheck(fn, (x, *parameters))
     else:
         assert torch.autograd.gradcheck(layer, (x,))
 

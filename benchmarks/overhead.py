@@ -1,0 +1,549 @@
+"""What anti-aliasing costs: this project's BlurPool against Composer's built-in one and the un-blurred baseline.
+
+    python benchmarks/overhead.py                    # CPU, channels_last, batch 8 at 160 px; resnet50, resnet18,
+                                                     # mobilenet_v2
+    python benchmarks/overhead.py --models resnet50 --device cuda --batch-size 64 --image-size 224 --compile
+    python benchmarks/overhead.py --no-channels-last --json runs/overhead.json
+
+Everything runs in one process, the arms interleaved within each repetition, and every figure is the median (and min)
+of ``--repeats`` (at least 5) timings, so that drift on a shared machine hits every arm alike. For each model:
+
+* Whole model: a train step (forward, cross-entropy, backward, SGD step) and an inference forward (eval mode,
+  ``torch.inference_mode``) per arm, and the training memory: on CPU, the bytes of activations autograd saves for the
+  backward (distinct storages, parameters and buffers left out: what the batch adds to the peak); on CUDA, the
+  allocator's peak during a train step above what was allocated before it.
+* Per layer: forward + backward of each replaced module on the input the baseline model really feeds it (captured by a
+  hook, same shape and memory format), with a random output gradient: the original layer, and each arm's replacement.
+  ``added`` is replacement minus original, and its sum over the layers isolates the anti-aliasing's cost from
+  whole-step noise.
+
+Arms: ``baseline`` (torchvision's model), ``ours_first`` / ``ours_after`` (:func:`blurpool_algo.apply_blurpool`
+with ``blur_first`` True / False) and ``composer_first`` / ``composer_after`` (Composer's ``apply_blurpool``, same
+settings: 3-tap filter, zero padding, ``min_channels=16``). Weights are random and shared by every arm: time does not
+depend on them.
+
+Prints one table per model of times and ratios to the baseline, then the per-layer table, then the issue's targets
+(ResNet-50: added layer time of ``ours_first`` at most half of ``composer_first``'s, ``ours_after`` no slower than
+``composer_after``, and training memory no higher than Composer's). ``--json`` writes all of it, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from blurpool_algo import apply_blurpool
+from blurpool_algo.models import build_model, model_names
+
+ARMS: dict[str, str] = {
+    "baseline": "torchvision's model, no anti-aliasing",
+    "ours_first": "blurpool_algo.apply_blurpool(blur_first=True)",
+    "ours_after": "blurpool_algo.apply_blurpool(blur_first=False)",
+    "composer_first": "composer.algorithms.blurpool.apply_blurpool(blur_first=True)",
+    "composer_after": "composer.algorithms.blurpool.apply_blurpool(blur_first=False)",
+}
+DEFAULT_MODELS = ("resnet50", "resnet18", "mobilenet_v2")
+MIN_REPEATS = 5
+MIN_IMAGE_SIZE = 32
+#: Target length of one per-layer timing sample: long enough that timer resolution and scheduler ticks average out.
+SAMPLE_SECONDS = 0.025
+
+
+def _composer_surgery(model: nn.Module, blur_first: bool) -> nn.Module:
+    from composer.algorithms.blurpool import apply_blurpool as composer_apply_blurpool
+
+    composer_apply_blurpool(model, replace_convs=True, replace_maxpools=True, blur_first=blur_first, min_channels=16)
+    return model
+
+
+def _ours_surgery(model: nn.Module, blur_first: bool) -> nn.Module:
+    apply_blurpool(model, blur_first=blur_first)
+    return model
+
+
+SURGERY: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "baseline": lambda model: model,
+    "ours_first": lambda model: _ours_surgery(model, True),
+    "ours_after": lambda model: _ours_surgery(model, False),
+    "composer_first": lambda model: _composer_surgery(model, True),
+    "composer_after": lambda model: _composer_surgery(model, False),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...]
+    arms: tuple[str, ...]
+    device: str
+    channels_last: bool
+    compile: bool
+    batch_size: int
+    image_size: int
+    repeats: int
+    layer_repeats: int
+    per_layer: bool
+    whole_model: bool
+
+
+# ----------------------------------------------------------------------------------------------------------- timing
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(run: Callable[[], Any], device: torch.device) -> float:
+    _synchronize(device)
+    started = time.perf_counter()
+    run()
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def _summary(seconds: Sequence[float]) -> dict[str, Any]:
+    values = [s * 1e3 for s in seconds]
+    return {"median_ms": statistics.median(values), "min_ms": min(values), "values_ms": values}
+
+
+def _interleaved(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Times every run once per repetition, in a rotating order, after one warm-up call each."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for repetition in range(repeats):
+        # Rotating the order keeps any arm from always running right after the same neighbour (caches, turbo).
+        order = names[repetition % len(names) :] + names[: repetition % len(names)]
+        for name in order:
+            times[name].append(_timed(runs[name], device))
+    return {name: _summary(values) for name, values in times.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ whole model
+
+
+def _inputs(settings: Settings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(settings.batch_size, 3, settings.image_size, settings.image_size, generator=generator)
+    labels = torch.randint(0, 1000, (settings.batch_size,), generator=generator)
+    if settings.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images.to(device), labels.to(device)
+
+
+def _prepare(model: nn.Module, settings: Settings, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images, labels) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def _inference(model: nn.Module, images) -> Callable[[], None]:
+    def forward() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(images)
+        model.train()
+
+    return forward
+
+
+def saved_activation_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of one training forward.
+
+    Parameters and buffers are left out: they exist whatever the batch. This is what a training step adds to memory on
+    top of the model, measured exactly and without an allocator (CPU has none that reports a peak).
+    """
+    persistent = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in persistent:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = F.cross_entropy(model(images), labels)
+    del loss
+    return sum(storages.values())
+
+
+def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """The CUDA allocator's peak during ``step``, above what was allocated when it started."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure_model(name: str, settings: Settings, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    reference = build_model(name, num_classes=1000)
+    images, labels = _inputs(settings, device)
+    models = {arm: _prepare(SURGERY[arm](copy.deepcopy(reference)), settings, device) for arm in settings.arms}
+    memory: dict[str, int] = {}
+    train_runs: dict[str, Callable[[], None]] = {}
+    inference_runs: dict[str, Callable[[], None]] = {}
+    for arm, model in models.items():
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        # Memory is measured eagerly: saved-tensor hooks see what autograd keeps; a compiled graph keeps the same.
+        if device.type == "cuda":
+            step = _train_step(model, optimizer, images, labels)
+            step()
+            memory[arm] = cuda_peak_bytes(step, device)
+        else:
+            memory[arm] = saved_activation_bytes(model, images, labels)
+        runnable = torch.compile(model) if settings.compile else model
+        train_runs[arm] = _train_step(runnable, optimizer, images, labels)
+        inference_runs[arm] = _inference(runnable, images)
+    train = _interleaved(train_runs, settings.repeats, device)
+    inference = _interleaved(inference_runs, settings.repeats, device)
+    return {
+        arm: {"train_step": train[arm], "inference": inference[arm], "memory_bytes": memory[arm]}
+        for arm in settings.arms
+    }
+
+
+# -------------------------------------------------------------------------------------------------------- per layer
+
+
+def _replaced_names(baseline: nn.Module, others: dict[str, nn.Module]) -> list[str]:
+    """Names of modules whose class differs from the baseline's in any arm, in the baseline's order."""
+    baseline_modules = dict(baseline.named_modules())
+    changed: set[str] = set()
+    for model in others.values():
+        for module_name, module in model.named_modules():
+            original = baseline_modules.get(module_name)
+            if original is not None and type(original) is not type(module):
+                changed.add(module_name)
+    return [module_name for module_name in baseline_modules if module_name in changed]
+
+
+def _captured_inputs(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        modules[layer].register_forward_pre_hook(
+            lambda _module, args, layer=layer: captured.setdefault(layer, args[0].detach().clone())
+        )
+        for layer in names
+    ]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _layer_run(module: nn.Module, layer_input: torch.Tensor, calls: int) -> Callable[[], None]:
+    """``calls`` forward + backward passes of ``module`` on a copy of ``layer_input``, with a fixed output gradient."""
+    x = layer_input.clone().requires_grad_(True)
+    with torch.no_grad():
+        output_gradient = torch.randn_like(module(x))  # randn_like keeps the output's memory format
+
+    def run() -> None:
+        for _ in range(calls):
+            for parameter in module.parameters():
+                parameter.grad = None
+            x.grad = None
+            module(x).backward(output_gradient)
+
+    return run
+
+
+def _calls_per_sample(module: nn.Module, layer_input: torch.Tensor, device: torch.device) -> int:
+    """How many passes make one timing sample last about ``SAMPLE_SECONDS`` (one pass is too short to time well)."""
+    run = _layer_run(module, layer_input, 1)
+    run()
+    single = min(_timed(run, device) for _ in range(3))
+    return max(1, round(SAMPLE_SECONDS / max(single, 1e-6)))
+
+
+def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    reference = build_model(name, num_classes=1000)
+    images, _ = _inputs(settings, device)
+    baseline = _prepare(copy.deepcopy(reference), settings, device).train()
+    blurred = {
+        arm: _prepare(SURGERY[arm](copy.deepcopy(reference)), settings, device).train()
+        for arm in settings.arms
+        if arm != "baseline"
+    }
+    names = _replaced_names(baseline, blurred)
+    inputs = _captured_inputs(baseline, names, images)
+    layers = []
+    totals = {arm: 0.0 for arm in blurred}
+    for layer in names:
+        candidates = {"original": dict(baseline.named_modules())[layer]}
+        candidates.update({arm: dict(model.named_modules())[layer] for arm, model in blurred.items()})
+        calls = _calls_per_sample(candidates["original"], inputs[layer], device)
+        runs = {key: _layer_run(module, inputs[layer], calls) for key, module in candidates.items()}
+        timings = {
+            key: {k: v / calls if k != "values_ms" else [t / calls for t in v] for k, v in timing.items()}
+            for key, timing in _interleaved(runs, settings.layer_repeats, device).items()
+        }
+        original_ms = timings["original"]["median_ms"]
+        entry = {
+            "name": layer,
+            "module": type(candidates["original"]).__name__,
+            "input_shape": list(inputs[layer].shape),
+            "calls_per_sample": calls,
+            "original_ms": original_ms,
+            "arms": {},
+        }
+        for arm in blurred:
+            replaced = type(candidates[arm]) is not type(candidates["original"])
+            added = timings[arm]["median_ms"] - original_ms if replaced else 0.0
+            entry["arms"][arm] = {"ms": timings[arm]["median_ms"], "added_ms": added, "replaced": replaced}
+            totals[arm] += added
+        layers.append(entry)
+    return {"layers": layers, "added_ms": totals}
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference else float("nan")
+
+
+def model_table(name: str, arms: dict[str, Any]) -> str:
+    baseline = arms.get("baseline")
+    rows = [
+        f"{name}: median ms (ratio to baseline)",
+        f"  {'arm':<16}{'train step':>22}{'inference':>22}{'train memory MiB':>26}",
+    ]
+    for arm, result in arms.items():
+        cells = []
+        for key in ("train_step", "inference"):
+            value = result[key]["median_ms"]
+            ratio = _ratio(value, baseline[key]["median_ms"]) if baseline else float("nan")
+            cells.append(f"{value:>12.1f} ({ratio:5.3f}x)")
+        memory = result["memory_bytes"] / 2**20
+        memory_ratio = _ratio(result["memory_bytes"], baseline["memory_bytes"]) if baseline else float("nan")
+        cells.append(f"{memory:>16.1f} ({memory_ratio:5.3f}x)")
+        rows.append(f"  {arm:<16}" + "".join(f"{cell:>22}" for cell in cells[:2]) + f"{cells[2]:>26}")
+    return "\n".join(rows)
+
+
+def layer_table(name: str, per_layer: dict[str, Any]) -> str:
+    arms = list(per_layer["added_ms"])
+    header = f"  {'layer':<22}{'input':>20}{'original':>10}" + "".join(f"{arm:>16}" for arm in arms)
+    rows = [f"{name}: forward+backward per replaced layer, median ms (added over the original)", header]
+    for entry in per_layer["layers"]:
+        shape = "x".join(str(s) for s in entry["input_shape"])
+        cells = "".join(
+            f"{entry['arms'][arm]['ms']:>7.2f} ({entry['arms'][arm]['added_ms']:+5.2f})"
+            if entry["arms"][arm]["replaced"]
+            else f"{'-':>16}"
+            for arm in arms
+        )
+        rows.append(f"  {entry['name']:<22}{shape:>20}{entry['original_ms']:>10.2f}{cells}")
+    totals = "".join(f"{per_layer['added_ms'][arm]:>+16.2f}" for arm in arms)
+    rows.append(f"  {'added, all layers':<52}{totals}")
+    return "\n".join(rows)
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, on whatever ResNet-50 results there are; each with its numbers and verdict."""
+    checks = []
+    resnet = results.get("resnet50", {})
+    added = resnet.get("per_layer", {}).get("added_ms", {})
+    if {"ours_first", "composer_first"} <= set(added):
+        checks.append({
+            "target": "ours_first added layer time <= half of composer_first's",
+            "ours_ms": added["ours_first"], "composer_ms": added["composer_first"],
+            "ratio": _ratio(added["ours_first"], added["composer_first"]),
+            "met": added["ours_first"] <= 0.5 * added["composer_first"],
+        })  # fmt: skip
+    if {"ours_after", "composer_after"} <= set(added):
+        checks.append({
+            "target": "ours_after added layer time <= composer_after's",
+            "ours_ms": added["ours_after"], "composer_ms": added["composer_after"],
+            "ratio": _ratio(added["ours_after"], added["composer_after"]),
+            "met": added["ours_after"] <= added["composer_after"],
+        })  # fmt: skip
+    arms = resnet.get("arms", {})
+    for ours, composer in (("ours_first", "composer_first"), ("ours_after", "composer_after")):
+        if ours in arms and composer in arms:
+            mine, theirs = arms[ours]["memory_bytes"], arms[composer]["memory_bytes"]
+            checks.append({
+                "target": f"{ours} training memory <= {composer}'s",
+                "ours_bytes": mine, "composer_bytes": theirs, "ratio": _ratio(mine, theirs), "met": mine <= theirs,
+            })  # fmt: skip
+    return checks
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    import composer
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "composer": composer.__version__,
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=_csv, default=DEFAULT_MODELS, help="comma-separated torchvision model names")
+    parser.add_argument("--arms", type=_csv, default=tuple(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help=f"whole-model repetitions, >= {MIN_REPEATS}")
+    parser.add_argument("--layer-repeats", type=int, default=15, help=f"per-layer repetitions, >= {MIN_REPEATS}")
+    parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--whole-model", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", type=Path, help="also write every number here (atomically)")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> None:
+        parser.error(message)
+
+    unknown_models = [m for m in args.models if m not in model_names()]
+    if not args.models or unknown_models:
+        fail(f"--models: unknown {unknown_models or 'empty list'}; allowed: torchvision classification model names")
+    unknown_arms = [a for a in args.arms if a not in ARMS]
+    if not args.arms or unknown_arms:
+        fail(f"--arms: unknown {unknown_arms or 'empty list'}; allowed: {', '.join(ARMS)}")
+    if args.repeats < MIN_REPEATS or args.layer_repeats < MIN_REPEATS:
+        fail(f"--repeats and --layer-repeats must be >= {MIN_REPEATS} (medians of fewer are noise)")
+    if args.batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.image_size < MIN_IMAGE_SIZE:
+        fail(f"--image-size must be >= {MIN_IMAGE_SIZE} (ImageNet models subsample by 32), got {args.image_size}")
+    if not (args.per_layer or args.whole_model):
+        fail("--no-per-layer and --no-whole-model together leave nothing to measure")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device: {args.device!r} is not a device; allowed: cpu, cuda, cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device: {args.device!r}; allowed: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available here")
+    arms = args.arms if "baseline" in args.arms else ("baseline", *args.arms)
+    settings = Settings(
+        models=args.models, arms=arms, device=str(device), channels_last=args.channels_last, compile=args.compile,
+        batch_size=args.batch_size, image_size=args.image_size, repeats=args.repeats,
+        layer_repeats=args.layer_repeats, per_layer=args.per_layer, whole_model=args.whole_model,
+    )  # fmt: skip
+    return settings, args.json
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, json_path = parse_settings(argv)
+    device = torch.device(settings.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    environment = _environment(device)
+    print(
+        f"{environment['processor']}, {environment['torch_threads']} threads"
+        + (f", {environment['gpu']}" if "gpu" in environment else "")
+        + f"; torch {environment['torch']}, composer {environment['composer']}; device {settings.device}, "
+        f"channels_last={settings.channels_last}, compile={settings.compile}, batch {settings.batch_size} at "
+        f"{settings.image_size} px, repeats {settings.repeats} (layers {settings.layer_repeats})",
+        flush=True,
+    )
+    results: dict[str, Any] = {}
+    for name in settings.models:
+        results[name] = {}
+        if settings.whole_model:
+            results[name]["arms"] = measure_model(name, settings, device)
+            print("\n" + model_table(name, results[name]["arms"]), flush=True)
+        if settings.per_layer:
+            results[name]["per_layer"] = measure_layers(name, settings, device)
+            print("\n" + layer_table(name, results[name]["per_layer"]), flush=True)
+    targets = check_targets(results)
+    if targets:
+        print("\ntargets (ResNet-50):")
+        for check in targets:
+            print(f"  {'met    ' if check['met'] else 'NOT MET'}  {check['target']}: ratio {check['ratio']:.3f}")
+    if json_path is not None:
+        payload = {
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "settings": settings.__dict__,
+            "arms": {arm: ARMS[arm] for arm in settings.arms},
+            "environment": environment,
+            "results": results,
+            "targets": targets,
+        }
+        write_json_atomically(json_path, payload)
+        print(f"\nwrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
