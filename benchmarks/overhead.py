@@ -12,8 +12,9 @@ of ``--repeats`` (at least 5) timings, so that drift on a shared machine hits ev
   ``torch.inference_mode``) per arm, and the training memory: on CPU, the bytes of activations autograd saves for the
   backward (distinct storages, parameters and buffers left out: what the batch adds to the peak); on CUDA, the
   allocator's peak during a train step above what was allocated before it.
-* Per layer: forward + backward of each replaced module on the input the baseline model really feeds it (captured by a
-  hook, same shape and memory format), with a random output gradient: the original layer, and each arm's replacement.
+* Per layer: forward + backward of each replaced module (compiled on its own with ``--compile``) on the input the
+  baseline model really feeds it (captured by a hook, same shape and memory format), with a random output gradient:
+  the original layer, and each arm's replacement.
   ``added`` is replacement minus original, and its sum over the layers isolates the anti-aliasing's cost from
   whole-step noise.
 
@@ -93,6 +94,7 @@ class Settings:
     device: str
     channels_last: bool
     compile: bool
+    inductor_cpu_threads: int | None
     batch_size: int
     image_size: int
     repeats: int
@@ -237,6 +239,12 @@ def measure_model(name: str, settings: Settings, device: torch.device) -> dict[s
 # -------------------------------------------------------------------------------------------------------- per layer
 
 
+def _maybe_compiled(module: nn.Module, settings: Settings) -> nn.Module:
+    """The module itself, or with ``--compile`` the module compiled on its own (graph breaks allowed: Composer's have
+    them), so that Inductor may fuse each layer's blur, padding and subsampling."""
+    return torch.compile(module) if settings.compile else module
+
+
 def _replaced_names(baseline: nn.Module, others: dict[str, nn.Module]) -> list[str]:
     """Names of modules whose class differs from the baseline's in any arm, in the baseline's order."""
     baseline_modules = dict(baseline.named_modules())
@@ -308,8 +316,9 @@ def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[
     for layer in names:
         candidates = {"original": dict(baseline.named_modules())[layer]}
         candidates.update({arm: dict(model.named_modules())[layer] for arm, model in blurred.items()})
-        calls = _calls_per_sample(candidates["original"], inputs[layer], device)
-        runs = {key: _layer_run(module, inputs[layer], calls) for key, module in candidates.items()}
+        runnables = {key: _maybe_compiled(module, settings) for key, module in candidates.items()}
+        calls = _calls_per_sample(runnables["original"], inputs[layer], device)
+        runs = {key: _layer_run(module, inputs[layer], calls) for key, module in runnables.items()}
         timings = {
             key: {k: v / calls if k != "values_ms" else [t / calls for t in v] for k, v in timing.items()}
             for key, timing in _interleaved(runs, settings.layer_repeats, device).items()
@@ -460,6 +469,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
+    parser.add_argument(
+        "--inductor-cpu-threads", type=int, default=None,
+        help="threads of Inductor's generated CPU kernels (default: Inductor's own); torch 2.7.0 fails to compile "
+        "ResNet-50's batch-norm backward on CPU with more than 1",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help=f"whole-model repetitions, >= {MIN_REPEATS}")
@@ -484,6 +498,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
         fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.image_size < MIN_IMAGE_SIZE:
         fail(f"--image-size must be >= {MIN_IMAGE_SIZE} (ImageNet models subsample by 32), got {args.image_size}")
+    if args.inductor_cpu_threads is not None and (args.inductor_cpu_threads < 1 or not args.compile):
+        fail("--inductor-cpu-threads must be >= 1, and goes with --compile")
     if not (args.per_layer or args.whole_model):
         fail("--no-per-layer and --no-whole-model together leave nothing to measure")
     try:
@@ -497,8 +513,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     arms = args.arms if "baseline" in args.arms else ("baseline", *args.arms)
     settings = Settings(
         models=args.models, arms=arms, device=str(device), channels_last=args.channels_last, compile=args.compile,
-        batch_size=args.batch_size, image_size=args.image_size, repeats=args.repeats,
-        layer_repeats=args.layer_repeats, per_layer=args.per_layer, whole_model=args.whole_model,
+        inductor_cpu_threads=args.inductor_cpu_threads, batch_size=args.batch_size, image_size=args.image_size,
+        repeats=args.repeats, layer_repeats=args.layer_repeats, per_layer=args.per_layer, whole_model=args.whole_model,
     )  # fmt: skip
     return settings, args.json
 
@@ -508,12 +524,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(settings.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if settings.compile:
+        # Every arm and layer compiles the same forward code with other shapes and modules; past the default limit
+        # of 8 recompilations per code object, dynamo would silently run the rest eagerly.
+        torch._dynamo.config.cache_size_limit = 512
+        torch._dynamo.config.accumulated_cache_size_limit = 4096
+        if settings.inductor_cpu_threads is not None:
+            from torch._inductor import config as inductor_config
+
+            inductor_config.cpp.threads = settings.inductor_cpu_threads
     environment = _environment(device)
     print(
         f"{environment['processor']}, {environment['torch_threads']} threads"
         + (f", {environment['gpu']}" if "gpu" in environment else "")
         + f"; torch {environment['torch']}, composer {environment['composer']}; device {settings.device}, "
-        f"channels_last={settings.channels_last}, compile={settings.compile}, batch {settings.batch_size} at "
+        f"channels_last={settings.channels_last}, compile={settings.compile}"
+        + (f" (Inductor CPU threads {settings.inductor_cpu_threads})" if settings.inductor_cpu_threads else "")
+        + f", batch {settings.batch_size} at "
         f"{settings.image_size} px, repeats {settings.repeats} (layers {settings.layer_repeats})",
         flush=True,
     )

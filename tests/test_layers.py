@@ -643,7 +643,9 @@ def test_pointwise_conv_equals_the_straightforward_form(filter_size, pad_mode, b
         grad_output = torch.randn_like(out)
         inputs = (x, *conv.parameters())
         for got, want in zip(
-            torch.autograd.grad(out, inputs, grad_output), torch.autograd.grad(expected, inputs, grad_output), strict=True
+            torch.autograd.grad(out, inputs, grad_output),
+            torch.autograd.grad(expected, inputs, grad_output),
+            strict=True,
         ):
             torch.testing.assert_close(got, want, msg=f"gradient: {stride} {groups} {size}")
 

@@ -1,0 +1,209 @@
+"""Tests for the benchmark scripts' machinery: what they count, compare and refuse. No timing is asserted.
+
+Memory is asserted where it is deterministic: the bytes autograd saves for a backward do not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    """Imports a benchmark script as a module (they are scripts beside each other, not a package)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+overhead = _load("overhead")
+blur_kernels = _load("blur_kernels")
+
+
+def _images(batch: int = 2, side: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, side, side, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------ saved activations
+
+
+def test_saved_bytes_count_one_more_activation_once():
+    # A second (not in-place) ReLU saves its output, one more map of the input's size; the Linear after it saves a
+    # flattened view of that same storage, which must not count twice. The loss's share cancels.
+    images, labels = _images()
+
+    def model(relus: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 3, 1), *(nn.ReLU() for _ in range(relus)), nn.Flatten(), nn.Linear(3072, 10))
+
+    difference = overhead.saved_activation_bytes(model(2), images, labels) - overhead.saved_activation_bytes(
+        model(1), images, labels
+    )
+    assert difference == images.numel() * images.element_size()
+
+
+def test_saved_bytes_leave_out_parameters():
+    # One more Linear(1000 -> 10) adds its 2x1000 float input and nothing else: not the 12 MB weight of the
+    # Linear(3072 -> 1000) before it, nor its own (parameters exist whatever the batch).
+    images, labels = _images()
+    stem = [nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Flatten()]
+    plain = nn.Sequential(*stem, nn.Linear(3072, 10))
+    wider = nn.Sequential(*stem, nn.Linear(3072, 1000), nn.Linear(1000, 10))
+    extra = overhead.saved_activation_bytes(wider, images, labels) - overhead.saved_activation_bytes(
+        plain, images, labels
+    )
+    assert extra == 2 * 1000 * 4
+
+
+# ResNet-18 at 64 px: the three shortcut convs' (input channels, output channels, input side).
+RESNET18_SHORTCUTS_AT_64PX = [(64, 128, 16), (128, 256, 8), (256, 512, 4)]
+
+
+@pytest.mark.parametrize("arm", ["first", "after"])
+def test_ours_saves_exactly_what_the_pointwise_path_spares(arm):
+    # Deterministic, so a test (the benchmark reports the same figure for ResNet-50). Per shortcut, Composer's
+    # blur_first=True keeps the full-size blurred input for the strided conv's backward, where ours keeps a quarter of
+    # it; Composer's blur_first=False keeps the stride-1 conv's output for the blur's backward, where ours keeps the
+    # quarter-size blurred input. Composer's max-pool also keeps the 64x1x3x3 filter it rebuilds in every forward.
+    batch = 2
+    images, labels = _images(batch, 64)
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=10)
+    ours = overhead.SURGERY[f"ours_{arm}"](overhead.copy.deepcopy(reference))
+    composer = overhead.SURGERY[f"composer_{arm}"](overhead.copy.deepcopy(reference))
+    spared_floats = 64 * 3 * 3
+    for inputs, outputs, side in RESNET18_SHORTCUTS_AT_64PX:
+        composer_keeps = (inputs if arm == "first" else outputs) * side * side
+        spared_floats += batch * (composer_keeps - inputs * (side // 2) ** 2)
+    difference = overhead.saved_activation_bytes(composer, images, labels) - overhead.saved_activation_bytes(
+        ours, images, labels
+    )
+    assert difference == 4 * spared_floats
+
+
+# ------------------------------------------------------------------------------------------------------- per layer
+
+
+def test_replaced_names_are_the_blurred_layers_in_model_order():
+    torch.manual_seed(0)
+    baseline = torchvision.models.resnet50()
+    others = {arm: overhead.SURGERY[arm](overhead.copy.deepcopy(baseline)) for arm in ("ours_first", "composer_after")}
+    names = overhead._replaced_names(baseline, others)
+    stages = [f"layer{i}.0.{part}" for i in (2, 3, 4) for part in ("conv2", "downsample.0")]
+    assert names == ["maxpool", *stages]  # 7: the stem pool, 3 strided 3x3 and 3 shortcut convs; not the RGB stem
+
+
+def test_captured_inputs_are_what_the_layers_receive():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    images, _ = _images(2, 64)
+    inputs = overhead._captured_inputs(model, ["maxpool", "layer2.0.conv1"], images)
+    with torch.no_grad():
+        stem = model.relu(model.bn1(model.conv1(images)))
+        torch.testing.assert_close(inputs["maxpool"], stem)
+        torch.testing.assert_close(inputs["layer2.0.conv1"], model.layer1(model.maxpool(stem)))
+
+
+# ----------------------------------------------------------------------------------------------------- end to end
+
+
+def test_overhead_runs_end_to_end_and_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(overhead, "SAMPLE_SECONDS", 0.001)
+    out = tmp_path / "overhead.json"
+    argv = ["--models", "resnet18", "--image-size", "32", "--batch-size", "2", "--repeats", "5",
+            "--layer-repeats", "5", "--json", str(out)]  # fmt: skip
+    assert overhead.main(argv) == 0
+    payload = json.loads(out.read_text())
+    result = payload["results"]["resnet18"]
+    assert set(result["arms"]) == set(overhead.ARMS)
+    for arm in result["arms"].values():
+        assert len(arm["train_step"]["values_ms"]) == 5 and arm["memory_bytes"] > 0
+    layers = result["per_layer"]["layers"]
+    assert layers[0]["name"] == "maxpool" and len(layers) == 7
+    for arm, total in result["per_layer"]["added_ms"].items():
+        assert total == pytest.approx(sum(entry["arms"][arm]["added_ms"] for entry in layers))
+    assert payload["targets"] == []  # the targets are about ResNet-50
+    printed = capsys.readouterr().out
+    assert "resnet18: forward+backward per replaced layer" in printed and "ours_first" in printed
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_targets_are_judged_from_the_numbers():
+    results = {
+        "resnet50": {
+            "per_layer": {
+                "added_ms": {"ours_first": 4.0, "composer_first": 10.0, "ours_after": 11.0, "composer_after": 10.0}
+            },
+            "arms": {
+                "ours_first": {"memory_bytes": 5},
+                "composer_first": {"memory_bytes": 5},
+                "ours_after": {"memory_bytes": 6},
+                "composer_after": {"memory_bytes": 5},
+            },
+        }
+    }
+    verdicts = [check["met"] for check in overhead.check_targets(results)]
+    assert verdicts == [True, False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--models", "resnet5O"], "--models: unknown"),
+        (["--arms", "ours_first,theirs"], "--arms: unknown"),
+        (["--repeats", "3"], ">= 5"),
+        (["--image-size", "16"], "--image-size must be >= 32"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--device", "tpu"], "--device"),
+        (["--no-per-layer", "--no-whole-model"], "nothing to measure"),
+    ],
+)
+def test_overhead_refuses_bad_options_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        overhead.parse_settings(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_overhead_refuses_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        overhead.parse_settings(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- blur kernels
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("filter_size", [3, 5])
+def test_every_blur_form_computes_the_same_values_and_gradients(filter_size, stride):
+    x = torch.randn(2, 5, 11, 10, dtype=torch.float64)
+    with torch.no_grad():
+        weight = blur_kernels.binomial_filter_2d(filter_size, dtype=torch.float64)[None, None].expand(5, 1, -1, -1)
+        reference = torch.nn.functional.conv2d(
+            torch.nn.functional.pad(x, [filter_size // 2] * 4), weight, stride=stride, groups=5
+        )
+    for name, form in blur_kernels.FORMS.items():
+        leaf = x.clone().requires_grad_(True)
+        out = form(leaf.float(), filter_size, stride).double()
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5, msg=name)
+    for name, form in blur_kernels.FORMS.items():  # gradients, in float64 against torch's own autograd of the conv
+        if name == "depthwise":
+            continue
+        leaf = x.clone().requires_grad_(True)
+        grad = torch.autograd.grad(form(leaf.float(), filter_size, stride).sum(), leaf)[0]
+        expected = torch.autograd.grad(blur_kernels.depthwise(leaf.float(), filter_size, stride).sum(), leaf)[0]
+        torch.testing.assert_close(grad, expected, msg=name)
