@@ -313,6 +313,7 @@ def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[
     inputs = _captured_inputs(baseline, names, images)
     layers = []
     totals = {arm: 0.0 for arm in blurred}
+    totals_of_minima = {arm: 0.0 for arm in blurred}
     for layer in names:
         candidates = {"original": dict(baseline.named_modules())[layer]}
         candidates.update({arm: dict(model.named_modules())[layer] for arm, model in blurred.items()})
@@ -324,21 +325,28 @@ def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[
             for key, timing in _interleaved(runs, settings.layer_repeats, device).items()
         }
         original_ms = timings["original"]["median_ms"]
+        original_min_ms = timings["original"]["min_ms"]
         entry = {
             "name": layer,
             "module": type(candidates["original"]).__name__,
             "input_shape": list(inputs[layer].shape),
             "calls_per_sample": calls,
             "original_ms": original_ms,
+            "original_min_ms": original_min_ms,
             "arms": {},
         }
         for arm in blurred:
             replaced = type(candidates[arm]) is not type(candidates["original"])
             added = timings[arm]["median_ms"] - original_ms if replaced else 0.0
-            entry["arms"][arm] = {"ms": timings[arm]["median_ms"], "added_ms": added, "replaced": replaced}
+            added_min = timings[arm]["min_ms"] - original_min_ms if replaced else 0.0
+            entry["arms"][arm] = {
+                "ms": timings[arm]["median_ms"], "min_ms": timings[arm]["min_ms"], "added_ms": added,
+                "added_min_ms": added_min, "replaced": replaced,
+            }  # fmt: skip
             totals[arm] += added
+            totals_of_minima[arm] += added_min
         layers.append(entry)
-    return {"layers": layers, "added_ms": totals}
+    return {"layers": layers, "added_ms": totals, "added_min_ms": totals_of_minima}
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -382,6 +390,8 @@ def layer_table(name: str, per_layer: dict[str, Any]) -> str:
         rows.append(f"  {entry['name']:<22}{shape:>20}{entry['original_ms']:>10.2f}{cells}")
     totals = "".join(f"{per_layer['added_ms'][arm]:>+16.2f}" for arm in arms)
     rows.append(f"  {'added, all layers':<52}{totals}")
+    minima = "".join(f"{per_layer['added_min_ms'][arm]:>+16.2f}" for arm in arms)
+    rows.append(f"  {'the same from the min times':<52}{minima}")
     return "\n".join(rows)
 
 
@@ -390,10 +400,12 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     checks = []
     resnet = results.get("resnet50", {})
     added = resnet.get("per_layer", {}).get("added_ms", {})
+    minima = resnet.get("per_layer", {}).get("added_min_ms", added)
     if {"ours_first", "composer_first"} <= set(added):
         checks.append({
             "target": "ours_first added layer time <= half of composer_first's",
             "ours_ms": added["ours_first"], "composer_ms": added["composer_first"],
+            "ratio_of_min_times": _ratio(minima["ours_first"], minima["composer_first"]),
             "ratio": _ratio(added["ours_first"], added["composer_first"]),
             "met": added["ours_first"] <= 0.5 * added["composer_first"],
         })  # fmt: skip
@@ -401,6 +413,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({
             "target": "ours_after added layer time <= composer_after's",
             "ours_ms": added["ours_after"], "composer_ms": added["composer_after"],
+            "ratio_of_min_times": _ratio(minima["ours_after"], minima["composer_after"]),
             "ratio": _ratio(added["ours_after"], added["composer_after"]),
             "met": added["ours_after"] <= added["composer_after"],
         })  # fmt: skip
@@ -476,8 +489,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help=f"whole-model repetitions, >= {MIN_REPEATS}")
-    parser.add_argument("--layer-repeats", type=int, default=15, help=f"per-layer repetitions, >= {MIN_REPEATS}")
+    parser.add_argument("--repeats", type=int, default=7, help=f"whole-model repetitions, >= {MIN_REPEATS}")
+    parser.add_argument("--layer-repeats", type=int, default=21, help=f"per-layer repetitions, >= {MIN_REPEATS}")
     parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--whole-model", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", type=Path, help="also write every number here (atomically)")
@@ -557,7 +570,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if targets:
         print("\ntargets (ResNet-50):")
         for check in targets:
-            print(f"  {'met    ' if check['met'] else 'NOT MET'}  {check['target']}: ratio {check['ratio']:.3f}")
+            from_minima = (
+                f" (from the min times: {check['ratio_of_min_times']:.3f})" if "ratio_of_min_times" in check else ""
+            )
+            verdict = "met    " if check["met"] else "NOT MET"
+            print(f"  {verdict}  {check['target']}: ratio {check['ratio']:.3f}{from_minima}")
     if json_path is not None:
         payload = {
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),

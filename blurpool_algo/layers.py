@@ -91,9 +91,10 @@ def _blur_subsample(
         # Channel counts are structural constants, and ONNX export (a trace) needs a static kernel shape.
         channels = int(channels)
     if any_channels and blur_filter.shape[0] != channels:
-        # The taps are the same for every channel: one row serves any channel count (a pointwise conv in
-        # blur_first=False mode blurs its input with the filter it holds for its output).
-        blur_filter = blur_filter[:1]
+        # The taps are the same for every channel, so any rows serve (a pointwise conv in blur_first=False mode blurs
+        # its input with the filter it holds for its output). A dense slice where there are enough rows: oneDNN's
+        # depthwise conv is a little slower with a stride-0 filter.
+        blur_filter = blur_filter[:channels] if blur_filter.shape[0] > channels else blur_filter[:1]
     # A view, no copy, when dtypes agree; the cast lets a pool (whose filter has no weight to follow) take any dtype.
     weight = blur_filter.to(x.dtype).expand(channels, -1, -1, -1)
     if pad_mode == "zeros" and pads[0] == pads[1] and pads[1] == pads[2] and pads[2] == pads[3]:
@@ -225,6 +226,10 @@ class BlurConv2d(_OptionalFilterOnLoad, nn.Conv2d):
     ``blur_first=False`` runs the conv at stride 1, then blurs and subsamples by the conv's stride (closer to the
     paper, about ``stride**2`` times the conv's compute). ``self.stride`` always holds the original conv's stride, and
     ``weight`` and ``bias`` are ordinary conv parameters at the usual state-dict keys.
+
+    An unpadded 1x1 conv (a ResNet shortcut) is computed as blur at the conv's stride, then the conv at stride 1: in
+    either mode that is the same function with a fraction of the work, except for a biased conv under zero padding
+    with ``blur_first=False``, which keeps the literal order (the padding dims the blurred bias near the border).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
