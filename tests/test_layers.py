@@ -619,7 +619,7 @@ class _AtenCalls(TorchDispatchMode):
         return [name for name, _ in self.calls]
 
 
-POINTWISE_STRIDES = [2, 3, (2, 1), (1, 3)]
+POINTWISE_STRIDES = [2, (2, 1), (1, 3)]
 
 
 @pytest.mark.parametrize("blur_first", [True, False], ids=["blur_first", "blur_after"])
@@ -629,7 +629,7 @@ POINTWISE_STRIDES = [2, 3, (2, 1), (1, 3)]
 def test_pointwise_conv_equals_the_straightforward_form(filter_size, pad_mode, bias, blur_first):
     # The straightforward forms, from torch's own conv and the float64 reference blur: blur at stride 1 then the
     # strided 1x1 conv (blur_first), or the 1x1 conv at stride 1 then blur-subsample. Outputs and every gradient.
-    for stride, groups, size in itertools.product(POINTWISE_STRIDES, (1, 2), ((9, 9), (8, 7), (2, 3), (1, 1))):
+    for stride, groups, size in itertools.product(POINTWISE_STRIDES, (1, 2), ((9, 8), (2, 3), (1, 1))):
         conv = nn.Conv2d(4, 6, 1, stride, groups=groups, bias=bias, dtype=torch.float64)
         new = BlurConv2d.from_conv(conv, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode)
         x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
