@@ -168,6 +168,8 @@ def test_targets_are_judged_from_the_numbers():
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--device", "tpu"], "--device"),
         (["--no-per-layer", "--no-whole-model"], "nothing to measure"),
+        (["--inductor-cpu-threads", "1"], "goes with --compile"),
+        (["--compile", "--inductor-cpu-threads", "0"], "must be >= 1"),
     ],
 )
 def test_overhead_refuses_bad_options_before_any_work(argv, message, capsys):
