@@ -35,7 +35,7 @@ from blurpool_algo.filters import (
     validate_pad_mode,
 )
 
-__all__ = ["BlurAvgPool2d", "BlurConv2d", "BlurMaxPool2d", "BlurPool2d", "blur_pool2d"]
+__all__ = ["BlurAvgPool2d", "BlurConv2d", "BlurInputConv2d", "BlurMaxPool2d", "BlurPool2d", "blur_pool2d"]
 
 FILTER_BUFFER = "blur_filter"
 
@@ -101,6 +101,16 @@ def _blur_subsample(
         # Symmetric zero padding goes into the conv itself: no padded copy of the map.
         return F.conv2d(x, weight, stride=stride, padding=pads[0], groups=channels)
     return F.conv2d(_pad(x, pads, pad_mode), weight, stride=stride, groups=channels)
+
+
+def _take_over(new: nn.Conv2d, conv: nn.Conv2d) -> Any:
+    """Gives ``new`` (built on the meta device) ``conv``'s very Parameter objects, training mode and a real filter."""
+    new.weight = conv.weight
+    new.bias = conv.bias
+    blur_filter = binomial_filter_2d(new.filter_size, dtype=conv.weight.dtype, device=conv.weight.device)
+    new.blur_filter = blur_filter.expand(new.blur_filter.shape[0], 1, -1, -1).contiguous()
+    new.train(conv.training)
+    return new
 
 
 def _register_filter(module: nn.Module, channels: int, filter_size: int, device: Any, dtype: Any) -> None:
@@ -288,13 +298,7 @@ class BlurConv2d(_OptionalFilterOnLoad, nn.Conv2d):
             conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
             blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode,
         )  # fmt: skip
-        new.weight = conv.weight
-        new.bias = conv.bias
-        blur_filter = binomial_filter_2d(filter_size, dtype=conv.weight.dtype, device=conv.weight.device)
-        channels = new.blur_filter.shape[0]
-        new.blur_filter = blur_filter.expand(channels, 1, -1, -1).contiguous()
-        new.train(conv.training)
-        return new
+        return _take_over(new, conv)
 
     def _conv_at_stride_one(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
@@ -323,6 +327,74 @@ class BlurConv2d(_OptionalFilterOnLoad, nn.Conv2d):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, blur_first={self.blur_first}, filter_size={self.filter_size}, "
+            f"pad_mode={self.pad_mode!r}"
+        )
+
+
+class BlurInputConv2d(_OptionalFilterOnLoad, nn.Conv2d):
+    """A :class:`torch.nn.Conv2d` that first blurs and subsamples its input: a :class:`BlurPool2d` in front of the conv,
+    as one module.
+
+    This is how the paper's placement (strided conv -> the conv at stride 1 -> BN -> activation -> blur-subsample) fits
+    blocks whose ``forward`` cannot take a new module, such as torchvision's ResNet blocks: the strided conv runs at
+    stride 1, and the next conv, after the activation, blurs what it receives by the stride the first one gave up.
+    ``weight`` and ``bias`` keep their state-dict keys, so un-blurred checkpoints load.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
+            as for :class:`torch.nn.Conv2d` (``stride`` is the conv's own, applied after the blur).
+        blur_stride: subsampling factor of the blur, an int >= 1 or a pair.
+        filter_size: binomial filter size, >= 1; 1 is plain subsampling.
+        pad_mode: padding of the blur: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        blur_stride: int | tuple[int, int] = 2,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self.blur_stride = list(_validate_stride(blur_stride, "blur_stride"))
+        self.filter_size = validate_filter_size(filter_size)
+        self.pad_mode = validate_pad_mode(pad_mode)
+        self.blur_pads = list(_blur_pads(filter_size))
+        _register_filter(self, in_channels, filter_size, device, dtype)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, *, blur_stride: int | tuple[int, int] = 2, filter_size: int = 3, pad_mode: str = "zeros"
+    ) -> BlurInputConv2d:
+        """Builds a copy of ``conv`` that blur-subsamples its input first, sharing ``conv``'s Parameter objects."""
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+            blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode,
+        )  # fmt: skip
+        return _take_over(new, conv)
+
+    def forward(self, input: Tensor) -> Tensor:
+        blurred = _blur_subsample(input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+        return self._conv_forward(blurred, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, blur_stride={tuple(self.blur_stride)}, filter_size={self.filter_size}, "
             f"pad_mode={self.pad_mode!r}"
         )
 

@@ -1,18 +1,51 @@
-"""Model builders by name: torchvision's classification architectures, plus a small ResNet for the CPU quickstart.
+"""Model builders by name: torchvision's classification architectures, a small ResNet for the CPU quickstart, and the
+paper's anti-aliased ImageNet models.
 
-Nothing here downloads weights: every model starts from random initialisation (``weights=None``).
+The anti-aliased builders (:data:`PAPER_MODELS`: ``alexnet``, ``vgg11`` ... ``mobilenet_v2``, the 23 architectures of
+the paper's table) transform torchvision's own model with the paper's placement: each strided conv runs at stride 1,
+then its BatchNorm and activation, then a blur subsamples; shortcut 1x1 convs blur first and run at stride 1; max-pools
+take their max at stride 1, then blur-subsample; DenseNet's average pools become the blur. Parameters keep
+torchvision's names and shapes, so torchvision checkpoints load with a plain, strict ``load_state_dict``.
+
+Nothing here downloads weights: a model starts from random initialisation, or from a local file or state dict.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import os
+from collections.abc import Callable, Mapping
 
+import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-__all__ = ["build_model", "model_names", "resnet10", "unknown_model_message"]
+from blurpool_algo.layers import FILTER_BUFFER
+from blurpool_algo.surgery import apply_blurpool
+
+#: The paper's anti-aliased architectures (Zhang 2019, Table 1 and the released models): torchvision names.
+PAPER_MODELS: tuple[str, ...] = (
+    "alexnet",
+    "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "mobilenet_v2",
+)  # fmt: skip
+
+__all__ = [
+    "PAPER_MODELS",
+    "antialiased_model",
+    "build_model",
+    "copy_params_buffers",
+    "load_weights",
+    "model_names",
+    "resnet10",
+    "unknown_model_message",
+    *PAPER_MODELS,
+]
 
 
 def resnet10(*, num_classes: int = 1000) -> ResNet:
@@ -59,3 +92,155 @@ def unknown_model_message(name: str) -> str:
     """The error for an unknown model name, with the closest allowed names."""
     close = difflib.get_close_matches(name, model_names(), n=5, cutoff=0.5) or ["resnet18", "resnet50", "resnet10"]
     return f"unknown model {name!r}; allowed: torchvision classification models or resnet10, e.g. {', '.join(close)}"
+
+
+# ------------------------------------------------------------------------------------ the paper's anti-aliased models
+
+Weights = str | os.PathLike | Mapping[str, torch.Tensor]
+
+
+def _state_dict_from(weights: Weights) -> Mapping[str, torch.Tensor]:
+    if isinstance(weights, Mapping):
+        state = weights
+    elif isinstance(weights, str | os.PathLike):
+        if not os.path.isfile(weights):
+            raise ValueError(f"weights: {os.fspath(weights)!r} is not a file (a path to a state dict, or the dict)")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"weights must be a file path or a state dict, got {type(weights).__name__}")
+    if isinstance(state, Mapping) and isinstance(state.get("state"), Mapping) and "model" in state["state"]:
+        # A Composer checkpoint: the network's keys sit under state.model with the ComposerModel's "module." prefix.
+        state = {k.removeprefix("module."): v for k, v in state["state"]["model"].items()}
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("weights hold no state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_weights(model: nn.Module, weights: Weights) -> nn.Module:
+    """Loads ``weights`` (a state dict, a file holding one, or a Composer checkpoint) into ``model``, strictly.
+
+    The blur filters may be missing from the weights (a baseline's); every other key must match.
+
+    Raises:
+        ValueError: naming the missing and unexpected keys, or what ``weights`` is instead of a state dict.
+    """
+    try:
+        model.load_state_dict(_state_dict_from(weights), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"weights do not fit {type(model).__name__}: {str(error).strip()}") from None
+    return model
+
+
+def copy_params_buffers(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Copies every parameter and buffer of ``source`` into the same-named one of ``target``, in place.
+
+    Matches by name, never by shape or position: a baseline model and its anti-aliased version share every name but
+    the blur filters, which ``target`` keeps. Kept for code written against the paper's package; a plain
+    ``target.load_state_dict(source.state_dict())`` does the same.
+
+    Raises:
+        ValueError: when a name is in one model and not the other (blur filters aside), or shapes differ; nothing is
+            copied then.
+    """
+    sources = dict(source.named_parameters()) | dict(source.named_buffers())
+    targets = dict(target.named_parameters()) | dict(target.named_buffers())
+    filters = {name for name in targets if name.rsplit(".", 1)[-1] == FILTER_BUFFER}
+    missing = sorted(set(targets) - set(sources) - filters)
+    unexpected = sorted(set(sources) - set(targets))
+    mismatched = [f"{n}: {tuple(sources[n].shape)} vs {tuple(targets[n].shape)}"
+                  for n in sorted(set(sources) & set(targets)) if sources[n].shape != targets[n].shape]  # fmt: skip
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"cannot copy {type(source).__name__} into {type(target).__name__}: missing in source {missing}, "
+            f"unexpected in source {unexpected}, shape mismatches {mismatched}"
+        )
+    with torch.no_grad():
+        for name, tensor in sources.items():
+            targets[name].copy_(tensor)
+    return target
+
+
+def antialiased_model(
+    name: str,
+    *,
+    filter_size: int = 4,
+    pad_mode: str = "reflect",
+    num_classes: int = 1000,
+    weights: Weights | None = None,
+    strided_stem: bool = True,
+) -> nn.Module:
+    """Builds one of the paper's anti-aliased models (:data:`PAPER_MODELS`) from torchvision's.
+
+    Args:
+        name: a torchvision name from :data:`PAPER_MODELS`.
+        filter_size: binomial filter size, >= 1 (the paper's default: 4, ``[1, 3, 3, 1]/8``).
+        pad_mode: the blur's padding (the paper's: ``'reflect'``; tiny maps fall back to replicate, never crash).
+        num_classes: size of the classifier's output.
+        weights: a state dict, or the path of a file holding one (torchvision's, a baseline's, a Composer
+            checkpoint's), loaded strictly after the transformation. Nothing is downloaded.
+        strided_stem: keep the first conv strided, as the paper does to save compute; False blurs it too.
+
+    Raises:
+        ValueError: for a name outside :data:`PAPER_MODELS`, a bad option, or weights that do not fit.
+    """
+    if name not in PAPER_MODELS:
+        close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5)
+        raise ValueError(f"no anti-aliased {name!r}; allowed: {', '.join(PAPER_MODELS)}" + (
+            f" (did you mean {', '.join(close)}?)" if close else ""))  # fmt: skip
+    if not isinstance(strided_stem, bool):
+        raise ValueError(f"strided_stem must be True or False, got {strided_stem!r}")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    apply_blurpool(
+        model, placement="after_activation", filter_size=filter_size, pad_mode=pad_mode, replace_avgpools=True,
+        min_channels=16 if strided_stem else 0,
+    )  # fmt: skip
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _paper_builder(name: str) -> Callable[..., nn.Module]:
+    def build(
+        *,
+        filter_size: int = 4,
+        pad_mode: str = "reflect",
+        num_classes: int = 1000,
+        weights: Weights | None = None,
+        strided_stem: bool = True,
+    ) -> nn.Module:
+        return antialiased_model(
+            name, filter_size=filter_size, pad_mode=pad_mode, num_classes=num_classes, weights=weights,
+            strided_stem=strided_stem,
+        )  # fmt: skip
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (
+        f"Anti-aliased torchvision ``{name}`` with the paper's placement; see :func:`antialiased_model`.\n\n"
+        f"    Example:\n        >>> model = {name}(weights='{name}.pth')  # doctest: +SKIP\n"
+    )
+    return build
+
+
+alexnet = _paper_builder("alexnet")
+vgg11 = _paper_builder("vgg11")
+vgg13 = _paper_builder("vgg13")
+vgg16 = _paper_builder("vgg16")
+vgg19 = _paper_builder("vgg19")
+vgg11_bn = _paper_builder("vgg11_bn")
+vgg13_bn = _paper_builder("vgg13_bn")
+vgg16_bn = _paper_builder("vgg16_bn")
+vgg19_bn = _paper_builder("vgg19_bn")
+resnet18 = _paper_builder("resnet18")
+resnet34 = _paper_builder("resnet34")
+resnet50 = _paper_builder("resnet50")
+resnet101 = _paper_builder("resnet101")
+resnet152 = _paper_builder("resnet152")
+resnext50_32x4d = _paper_builder("resnext50_32x4d")
+resnext101_32x8d = _paper_builder("resnext101_32x8d")
+wide_resnet50_2 = _paper_builder("wide_resnet50_2")
+wide_resnet101_2 = _paper_builder("wide_resnet101_2")
+densenet121 = _paper_builder("densenet121")
+densenet161 = _paper_builder("densenet161")
+densenet169 = _paper_builder("densenet169")
+densenet201 = _paper_builder("densenet201")
+mobilenet_v2 = _paper_builder("mobilenet_v2")

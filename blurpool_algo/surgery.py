@@ -16,12 +16,21 @@ import torch
 from torch import nn
 
 from blurpool_algo.filters import validate_filter_size, validate_pad_mode
-from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurMaxPool2d
+from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d
 
-__all__ = ["BlurPoolOptions", "BlurPoolReport", "ModuleDecision", "apply_blurpool", "validate_options"]
+__all__ = ["PLACEMENTS", "BlurPoolOptions", "BlurPoolReport", "ModuleDecision", "apply_blurpool", "validate_options"]
 
 #: The layer classes this surgery produces; a model holding them has been (partly) anti-aliased already.
-BLUR_LAYER_TYPES: tuple[type[nn.Module], ...] = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d)
+BLUR_LAYER_TYPES: tuple[type[nn.Module], ...] = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d, BlurInputConv2d, BlurPool2d)
+
+#: Where a strided conv's blur goes: at the conv (``blur_first`` picks before or after it, Composer's two modes), or
+#: after the conv's BatchNorm and activation (the paper's placement).
+PLACEMENTS: tuple[str, ...] = ("conv", "after_activation")
+
+#: Activations after which the paper's placement puts the blur.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class BlurPoolOptions:
     filter_size: int = 3
     pad_mode: str = "zeros"
     exclude: tuple[str, ...] = ()
+    placement: str = "conv"
 
 
 def validate_options(**options: Any) -> BlurPoolOptions:
@@ -58,6 +68,9 @@ def validate_options(**options: Any) -> BlurPoolOptions:
     if not isinstance(exclude, Iterable) or not all(isinstance(p, str) and p for p in exclude):
         raise ValueError(f"exclude must be a sequence of non-empty module-name patterns (fnmatch), got {exclude!r}")
     options["exclude"] = tuple(exclude)
+    placement = options.get("placement", "conv")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(map(repr, PLACEMENTS))}, got {placement!r}")
     opts = BlurPoolOptions(**options)
     if not (opts.replace_convs or opts.replace_maxpools or opts.replace_avgpools):
         raise ValueError(
@@ -100,6 +113,16 @@ class BlurPoolReport:
         return self._count(BlurAvgPool2d)
 
     @property
+    def num_blurpool2d_layers(self) -> int:
+        """Blurs placed after an activation (the paper's placement) as their own module."""
+        return self._count(BlurPool2d)
+
+    @property
+    def num_blurinputconv_layers(self) -> int:
+        """Blurs placed after an activation (the paper's placement) inside the next conv."""
+        return self._count(BlurInputConv2d)
+
+    @property
     def num_replaced(self) -> int:
         return len(self.replaced)
 
@@ -113,6 +136,8 @@ class BlurPoolReport:
             "num_blurconv_layers": self.num_blurconv_layers,
             "num_blurmaxpool_layers": self.num_blurmaxpool_layers,
             "num_bluravgpool_layers": self.num_bluravgpool_layers,
+            "num_blurpool2d_layers": self.num_blurpool2d_layers,
+            "num_blurinputconv_layers": self.num_blurinputconv_layers,
             "num_skipped_layers": len(self.skipped),
         }
 
@@ -210,6 +235,7 @@ def apply_blurpool(
     filter_size: int = 3,
     pad_mode: str = "zeros",
     exclude: Sequence[str] = (),
+    placement: str = "conv",
     optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
 ) -> BlurPoolReport:
     """Replaces, in place, the subsampling layers of ``model`` by anti-aliased ones.
@@ -233,6 +259,12 @@ def apply_blurpool(
         filter_size: binomial filter size, >= 1 (3 = [1, 2, 1]/4; the paper's default is 4).
         pad_mode: the blur's padding, one of ``'zeros'``, ``'reflect'``, ``'replicate'``, ``'circular'``.
         exclude: fnmatch patterns of module names (as in ``named_modules()``) to leave alone, e.g. ``["layer4.*"]``.
+        placement: ``'conv'`` (the blur sits at the strided conv, before or after it as ``blur_first`` says;
+            Composer's two modes), or ``'after_activation'`` (the paper's: the conv runs at stride 1, then its BN and
+            activation, then the blur subsamples; ``blur_first`` does not apply). The paper's placement needs the
+            structure: a conv followed by BatchNorm and an activation in an ``nn.Sequential``, or a torchvision ResNet
+            block or stem. Strided convs elsewhere are reported as skipped. Strided unpadded 1x1 convs (shortcuts)
+            blur first, then run at stride 1, and average pools become a :class:`BlurPool2d`, as in the paper.
         optimizers: accepted for Composer's functional-API signature. The surgery reuses every Parameter object, so
             existing optimizers need no update; they are only checked to be optimizers.
 
@@ -251,6 +283,7 @@ def apply_blurpool(
     opts = validate_options(
         replace_convs=replace_convs, replace_maxpools=replace_maxpools, replace_avgpools=replace_avgpools,
         blur_first=blur_first, min_channels=min_channels, filter_size=filter_size, pad_mode=pad_mode, exclude=exclude,
+        placement=placement,
     )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -260,6 +293,8 @@ def apply_blurpool(
             raise ValueError("optimizers must be a torch.optim.Optimizer, a sequence of them, or None")
     _refuse_wrapped(model)
     dtype, device = _reference_dtype_device(model)
+    if opts.placement == "after_activation":
+        return _place_after_activations(model, opts, dtype, device)
 
     # Every place a candidate sits: (parent, attribute name, full name); a shared module has several.
     places: dict[int, list[tuple[nn.Module, str, str]]] = {}
@@ -286,3 +321,199 @@ def apply_blurpool(
             ModuleDecision(names[0], type(module).__name__, type(replacement).__name__, reason + shared)
         )
     return report
+
+
+# ------------------------------------------------------------------------------------------ the paper's placement
+
+
+class _AfterActivation:
+    """One pass of the paper's placement over a model (see :func:`apply_blurpool`, ``placement='after_activation'``)."""
+
+    def __init__(self, model: nn.Module, opts: BlurPoolOptions, dtype, device) -> None:
+        self.model = model
+        self.opts = opts
+        self.dtype = dtype
+        self.device = device
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.report = BlurPoolReport(options=opts)
+        self.done: set[int] = set()  # modules a rule has dealt with (replaced, moved, or skipped with a reason)
+
+    def _excluded(self, *names: str) -> str | None:
+        return next((p for p in self.opts.exclude if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+
+    def _conv_refusal(self, conv: nn.Conv2d, name: str) -> str | None:
+        if not self.opts.replace_convs:
+            return "replace_convs=False"
+        pattern = self._excluded(name)
+        if pattern is not None:
+            return f"name matches exclude pattern {pattern!r}"
+        if conv.in_channels < self.opts.min_channels:
+            return (
+                f"in_channels {conv.in_channels} < min_channels {self.opts.min_channels} "
+                "(the paper keeps the stem conv strided)"
+            )
+        return None
+
+    def _skip(self, module: nn.Module, name: str, reason: str) -> None:
+        self.done.add(id(module))
+        self.report.skipped.append(ModuleDecision(name, type(module).__name__, None, reason))
+
+    def _blur(self, channels: int, stride: tuple[int, int]) -> BlurPool2d:
+        return BlurPool2d(channels, stride, self.opts.filter_size, self.opts.pad_mode, device=self.device,
+                          dtype=self.dtype)  # fmt: skip
+
+    @staticmethod
+    def _is_strided_conv(module: nn.Module) -> bool:
+        return type(module) is nn.Conv2d and max(module.stride) > 1
+
+    def sequence(self, parent: nn.Module, prefix: str, keys: list[str]) -> None:
+        """Strided conv [-> BatchNorm2d] -> activation, consecutive in ``keys`` (run in that order by ``parent``)."""
+        for index, key in enumerate(keys):
+            conv = parent._modules[key]
+            if not self._is_strided_conv(conv) or id(conv) in self.done:
+                continue
+            follower = index + 1
+            if follower < len(keys) and isinstance(parent._modules[keys[follower]], nn.BatchNorm2d):
+                follower += 1
+            if follower >= len(keys) or type(parent._modules[keys[follower]]) not in ACTIVATIONS:
+                continue
+            name = f"{prefix}{key}"
+            refusal = self._conv_refusal(conv, name)
+            if refusal is not None:
+                self._skip(conv, name, refusal)
+                continue
+            stride = tuple(conv.stride)
+            activation_key = keys[follower]
+            activation = parent._modules[activation_key]
+            conv.stride = (1, 1)
+            setattr(parent, activation_key, nn.Sequential(activation, self._blur(conv.out_channels, stride)))
+            self.done.add(id(conv))
+            self.report.replaced.append(ModuleDecision(
+                name, "Conv2d", "BlurPool2d",
+                f"stride {stride} moved after the activation: the conv at stride 1 -> "
+                f"{' -> '.join(type(parent._modules[k]).__name__ for k in keys[index + 1 : follower])} -> "
+                f"BlurPool2d ({prefix}{activation_key}.1)",
+            ))  # fmt: skip
+
+    def resnet_block(self, block: nn.Module, prefix: str) -> None:
+        """torchvision's BasicBlock (conv1 strided, then bn1, relu, conv2) and Bottleneck (conv2, bn2, relu, conv3)."""
+        from torchvision.models.resnet import BasicBlock
+
+        strided_key, consumer_key = ("conv1", "conv2") if isinstance(block, BasicBlock) else ("conv2", "conv3")
+        conv, consumer = block._modules[strided_key], block._modules[consumer_key]
+        if not self._is_strided_conv(conv) or id(conv) in self.done:
+            return
+        name = f"{prefix}{strided_key}"
+        refusal = self._conv_refusal(conv, name)
+        if refusal is None and type(consumer) is not nn.Conv2d:
+            refusal = (
+                f"{prefix}{consumer_key} is a {type(consumer).__name__}, not the nn.Conv2d that would take the blur"
+            )
+        if refusal is not None:
+            self._skip(conv, name, refusal)
+            return
+        stride = tuple(conv.stride)
+        conv.stride = (1, 1)
+        block._modules[consumer_key] = BlurInputConv2d.from_conv(
+            consumer, blur_stride=stride, filter_size=self.opts.filter_size, pad_mode=self.opts.pad_mode
+        )
+        self.done.add(id(conv))
+        self.report.replaced.append(ModuleDecision(
+            name, "Conv2d", "BlurInputConv2d",
+            f"stride {stride} moved after the activation: the conv at stride 1 -> BN -> ReLU -> blur inside "
+            f"{prefix}{consumer_key}",
+        ))  # fmt: skip
+
+    def shortcut(self, conv: nn.Conv2d, name: str, parent: nn.Module, key: str) -> None:
+        """A strided unpadded 1x1 conv: blur, then the conv at stride 1 (the paper's shortcut)."""
+        refusal = self._conv_refusal(conv, name)
+        if refusal is not None:
+            self._skip(conv, name, refusal)
+            return
+        parent._modules[key] = BlurConv2d.from_conv(
+            conv, blur_first=True, filter_size=self.opts.filter_size, pad_mode=self.opts.pad_mode
+        )
+        self.done.add(id(conv))
+        self.report.replaced.append(ModuleDecision(
+            name, "Conv2d", "BlurConv2d", f"stride {tuple(conv.stride)}: blur, then the 1x1 conv at stride 1",
+        ))  # fmt: skip
+
+    def pool(self, pool: nn.Module, name: str, parent: nn.Module, key: str, keys: list[str]) -> None:
+        kind = type(pool)
+        enabled = self.opts.replace_maxpools if kind is nn.MaxPool2d else self.opts.replace_avgpools
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        if max(_pairs(stride)) <= 1:
+            return
+        if not enabled:
+            self._skip(pool, name, f"replace_{'max' if kind is nn.MaxPool2d else 'avg'}pools=False")
+            return
+        pattern = self._excluded(name)
+        if pattern is not None:
+            self._skip(pool, name, f"name matches exclude pattern {pattern!r}")
+            return
+        if kind is nn.MaxPool2d:
+            if pool.return_indices:
+                self._skip(pool, name, "return_indices=True: the indices of a blurred max have no meaning")
+                return
+            new: nn.Module = BlurMaxPool2d.from_maxpool(
+                pool, filter_size=self.opts.filter_size, pad_mode=self.opts.pad_mode, dtype=self.dtype,
+                device=self.device,
+            )  # fmt: skip
+            reason = f"stride {stride}: the max at stride 1, then blur-subsample"
+        else:
+            # The paper replaces the average pool by the blur itself; a BlurPool2d needs the channel count, which
+            # the conv before the pool in the same sequence gives.
+            earlier = [parent._modules[k] for k in keys[: keys.index(key)]]
+            channels = next((m.out_channels for m in reversed(earlier) if isinstance(m, nn.Conv2d)), None)
+            if channels is None:
+                self._skip(pool, name, "no conv before this average pool in its sequence gives the channel count")
+                return
+            new = self._blur(channels, _pairs(stride))
+            reason = f"stride {stride}: the average pool becomes the blur-subsample (the paper's)"
+        parent._modules[key] = new
+        self.done.add(id(pool))
+        self.report.replaced.append(ModuleDecision(name, kind.__name__, type(new).__name__, reason))
+
+    def run(self) -> BlurPoolReport:
+        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+        containers = list(self.model.named_modules())
+        for name, module in containers:
+            prefix = f"{name}." if name else ""
+            if isinstance(module, BLUR_LAYER_TYPES):
+                continue
+            if type(module) in (BasicBlock, Bottleneck):
+                self.resnet_block(module, prefix)
+            elif type(module) is ResNet:
+                self.sequence(module, prefix, ["conv1", "bn1", "relu"])  # the order ResNet's forward runs them
+            elif isinstance(module, nn.Sequential):
+                self.sequence(module, prefix, list(module._modules))
+        for name, parent in containers:
+            prefix = f"{name}." if name else ""
+            keys = list(parent._modules)
+            for key in keys:
+                child = parent._modules[key]
+                child_name = f"{prefix}{key}"
+                if id(child) in self.done or isinstance(child, BLUR_LAYER_TYPES):
+                    continue
+                if type(child) in (nn.MaxPool2d, nn.AvgPool2d):
+                    self.pool(child, child_name, parent, key, keys)
+                elif self._is_strided_conv(child):
+                    if child.kernel_size == (1, 1) and child.padding in ((0, 0), "valid"):
+                        self.shortcut(child, child_name, parent, key)
+                    else:
+                        refusal = self._conv_refusal(child, child_name) or (
+                            "the paper's placement needs this conv followed by BatchNorm and an activation in an "
+                            "nn.Sequential, or in a torchvision ResNet block; not recognized here "
+                            "(placement='conv' anti-aliases any strided conv)"
+                        )
+                        self._skip(child, child_name, refusal)
+        return self.report
+
+
+def _pairs(value: Any) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, Sequence) else (int(value), int(value))  # type: ignore[return-value]
+
+
+def _place_after_activations(model: nn.Module, opts: BlurPoolOptions, dtype, device) -> BlurPoolReport:
+    return _AfterActivation(model, opts, dtype, device).run()
