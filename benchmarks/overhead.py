@@ -58,6 +58,7 @@ ARMS: dict[str, str] = {
     "ours_after": "blurpool_algo.apply_blurpool(blur_first=False)",
     "composer_first": "composer.algorithms.blurpool.apply_blurpool(blur_first=True)",
     "composer_after": "composer.algorithms.blurpool.apply_blurpool(blur_first=False)",
+    "ours_paper": "blurpool_algo.apply_blurpool(placement='after_activation'): the paper's placement",
 }
 DEFAULT_MODELS = ("resnet50", "resnet18", "mobilenet_v2")
 MIN_REPEATS = 5
@@ -73,8 +74,9 @@ def _composer_surgery(model: nn.Module, blur_first: bool) -> nn.Module:
     return model
 
 
-def _ours_surgery(model: nn.Module, blur_first: bool) -> nn.Module:
-    apply_blurpool(model, blur_first=blur_first)
+def _ours_surgery(model: nn.Module, blur_first: bool, placement: str = "conv") -> nn.Module:
+    # The same filter and padding in every arm (Composer's: 3 taps, zeros), so that only the placement differs.
+    apply_blurpool(model, blur_first=blur_first, placement=placement, replace_avgpools=placement != "conv")
     return model
 
 
@@ -84,6 +86,7 @@ SURGERY: dict[str, Callable[[nn.Module], nn.Module]] = {
     "ours_after": lambda model: _ours_surgery(model, False),
     "composer_first": lambda model: _composer_surgery(model, True),
     "composer_after": lambda model: _composer_surgery(model, False),
+    "ours_paper": lambda model: _ours_surgery(model, True, placement="after_activation"),
 }
 
 
@@ -245,14 +248,19 @@ def _maybe_compiled(module: nn.Module, settings: Settings) -> nn.Module:
     return torch.compile(module) if settings.compile else module
 
 
+def _changed(original: nn.Module, module: nn.Module) -> bool:
+    """Replaced by another class, or (the paper's placement) the same conv moved to another stride."""
+    return type(original) is not type(module) or getattr(original, "stride", None) != getattr(module, "stride", None)
+
+
 def _replaced_names(baseline: nn.Module, others: dict[str, nn.Module]) -> list[str]:
-    """Names of modules whose class differs from the baseline's in any arm, in the baseline's order."""
+    """Names of modules that any arm changed, in the baseline's order."""
     baseline_modules = dict(baseline.named_modules())
     changed: set[str] = set()
     for model in others.values():
         for module_name, module in model.named_modules():
             original = baseline_modules.get(module_name)
-            if original is not None and type(original) is not type(module):
+            if original is not None and _changed(original, module):
                 changed.add(module_name)
     return [module_name for module_name in baseline_modules if module_name in changed]
 
@@ -265,6 +273,7 @@ def _captured_inputs(model: nn.Module, names: list[str], images: torch.Tensor) -
             lambda _module, args, layer=layer: captured.setdefault(layer, args[0].detach().clone())
         )
         for layer in names
+        if layer in modules
     ]
     try:
         with torch.no_grad():
@@ -310,16 +319,23 @@ def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[
         if arm != "baseline"
     }
     names = _replaced_names(baseline, blurred)
-    inputs = _captured_inputs(baseline, names, images)
+    # Each arm's layers get what that arm's own model feeds them: the paper's placement moves subsampling between
+    # layers, so its layers see other shapes than the baseline's.
+    inputs = {"original": _captured_inputs(baseline, names, images)}
+    inputs.update({arm: _captured_inputs(model, names, images) for arm, model in blurred.items()})
     layers = []
     totals = {arm: 0.0 for arm in blurred}
     totals_of_minima = {arm: 0.0 for arm in blurred}
     for layer in names:
         candidates = {"original": dict(baseline.named_modules())[layer]}
         candidates.update({arm: dict(model.named_modules())[layer] for arm, model in blurred.items()})
+        for module in candidates.values():
+            for part in module.modules():
+                if getattr(part, "inplace", False):
+                    part.inplace = False  # an in-place activation cannot run on the timing's leaf input
         runnables = {key: _maybe_compiled(module, settings) for key, module in candidates.items()}
-        calls = _calls_per_sample(runnables["original"], inputs[layer], device)
-        runs = {key: _layer_run(module, inputs[layer], calls) for key, module in runnables.items()}
+        calls = _calls_per_sample(runnables["original"], inputs["original"][layer], device)
+        runs = {key: _layer_run(module, inputs[key][layer], calls) for key, module in runnables.items()}
         timings = {
             key: {k: v / calls if k != "values_ms" else [t / calls for t in v] for k, v in timing.items()}
             for key, timing in _interleaved(runs, settings.layer_repeats, device).items()
@@ -329,14 +345,14 @@ def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[
         entry = {
             "name": layer,
             "module": type(candidates["original"]).__name__,
-            "input_shape": list(inputs[layer].shape),
+            "input_shape": list(inputs["original"][layer].shape),
             "calls_per_sample": calls,
             "original_ms": original_ms,
             "original_min_ms": original_min_ms,
             "arms": {},
         }
         for arm in blurred:
-            replaced = type(candidates[arm]) is not type(candidates["original"])
+            replaced = _changed(candidates["original"], candidates[arm])
             added = timings[arm]["median_ms"] - original_ms if replaced else 0.0
             added_min = timings[arm]["min_ms"] - original_min_ms if replaced else 0.0
             entry["arms"][arm] = {

@@ -9,7 +9,7 @@ surgery without a Trainer; :class:`BlurPool` is the Composer algorithm. :func:`s
 from blurpool_algo.algorithm import BlurPool
 from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor
 from blurpool_algo.filters import binomial_filter_2d, binomial_taps
-from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurMaxPool2d, BlurPool2d, blur_pool2d
+from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, blur_pool2d
 from blurpool_algo.metrics import DiagonalStability, diagonal_stability, shift_consistency
 from blurpool_algo.surgery import BlurPoolReport, apply_blurpool
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlurAvgPool2d",
     "BlurConv2d",
+    "BlurInputConv2d",
     "BlurMaxPool2d",
     "BlurPool",
     "BlurPool2d",

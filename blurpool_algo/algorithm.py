@@ -22,7 +22,7 @@ from composer.algorithms.warnings import NoEffectWarning
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from blurpool_algo.surgery import BlurPoolOptions, BlurPoolReport, apply_blurpool, validate_options
+from blurpool_algo.surgery import UNRECOGNIZED, BlurPoolOptions, BlurPoolReport, apply_blurpool, validate_options
 
 __all__ = ["BlurPool"]
 
@@ -61,6 +61,11 @@ class BlurPool(Algorithm):
         replace_avgpools: also replace strided ``nn.AvgPool2d`` layers by :class:`~blurpool_algo.BlurAvgPool2d`.
         exclude: fnmatch patterns of module names to leave alone, e.g. ``['layer4.*']``; names are those of your
             network (``model.module`` of a ComposerClassifier) or of the whole ComposerModel (``module.layer4.*``).
+        placement: ``'conv'`` (Composer's: the blur sits at the strided conv, as ``blur_first`` says) or
+            ``'after_activation'`` (the paper's: the conv runs at stride 1, then its BatchNorm and activation, then
+            the blur subsamples; ``blur_first`` does not apply). The paper's placement is recognized in
+            ``nn.Sequential`` conv -> BN -> activation runs and in torchvision's ResNet blocks; other strided convs
+            are left alone, listed in :attr:`report` and named in a warning.
 
     Example:
         >>> from composer import Trainer
@@ -77,11 +82,12 @@ class BlurPool(Algorithm):
         pad_mode: str = "zeros",
         replace_avgpools: bool = False,
         exclude: Sequence[str] = (),
+        placement: str = "conv",
     ) -> None:
         self.options: BlurPoolOptions = validate_options(
             replace_convs=replace_convs, replace_maxpools=replace_maxpools, blur_first=blur_first,
             min_channels=min_channels, filter_size=filter_size, pad_mode=pad_mode, replace_avgpools=replace_avgpools,
-            exclude=exclude,
+            exclude=exclude, placement=placement,
         )  # fmt: skip
         #: The report of the last surgery this algorithm did (None before ``Event.INIT``).
         self.report: BlurPoolReport | None = None
@@ -131,12 +137,20 @@ class BlurPool(Algorithm):
                 }.items()
             }
         )
+        unplaced = [d.name for d in self.report.skipped if d.reason.startswith(UNRECOGNIZED)]
+        if unplaced:
+            warnings.warn(
+                f"{self!r}: the paper's placement does not recognize the structure around {', '.join(unplaced)}; "
+                "these strided convs were left as they are (placement='conv' anti-aliases any strided conv)",
+                stacklevel=2,
+            )
         if not self.report.changed:
             warnings.warn(
                 NoEffectWarning(
                     f"{self!r} replaced no layer of {type(state.model).__name__}: it has no strided nn.Conv2d with "
-                    f">= {self.options.min_channels} input channels and no strided pool of an enabled kind. "
-                    f"Skipped modules:\n{self.report}"
+                    f">= {self.options.min_channels} input channels"
+                    + (" in a structure the paper's placement recognizes" if self.options.placement != "conv" else "")
+                    + f" and no strided pool of an enabled kind. Skipped modules:\n{self.report}"
                 ),
                 stacklevel=2,
             )

@@ -27,6 +27,9 @@ BLUR_LAYER_TYPES: tuple[type[nn.Module], ...] = (BlurConv2d, BlurMaxPool2d, Blur
 #: after the conv's BatchNorm and activation (the paper's placement).
 PLACEMENTS: tuple[str, ...] = ("conv", "after_activation")
 
+#: How a skipped-module reason starts when the paper's placement does not recognize a strided conv's surroundings.
+UNRECOGNIZED = "structure not recognized"
+
 #: Activations after which the paper's placement puts the blur.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
@@ -391,7 +394,7 @@ class _AfterActivation:
             self.report.replaced.append(ModuleDecision(
                 name, "Conv2d", "BlurPool2d",
                 f"stride {stride} moved after the activation: the conv at stride 1 -> "
-                f"{' -> '.join(type(parent._modules[k]).__name__ for k in keys[index + 1 : follower])} -> "
+                f"{' -> '.join(type(parent._modules[k]).__name__ for k in keys[index + 1 : follower + 1])} -> "
                 f"BlurPool2d ({prefix}{activation_key}.1)",
             ))  # fmt: skip
 
@@ -503,8 +506,8 @@ class _AfterActivation:
                         self.shortcut(child, child_name, parent, key)
                     else:
                         refusal = self._conv_refusal(child, child_name) or (
-                            "the paper's placement needs this conv followed by BatchNorm and an activation in an "
-                            "nn.Sequential, or in a torchvision ResNet block; not recognized here "
+                            f"{UNRECOGNIZED}: the paper's placement needs this conv followed by BatchNorm and an "
+                            "activation in an nn.Sequential, or in a torchvision ResNet block "
                             "(placement='conv' anti-aliases any strided conv)"
                         )
                         self._skip(child, child_name, refusal)

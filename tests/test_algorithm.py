@@ -79,6 +79,45 @@ def test_trainer_applies_surgery_at_init_and_logs_counts():
     assert hparams["blurpool/num_skipped_layers"] == len(expected.skipped)
 
 
+def test_paper_placement_in_a_trainer_builds_the_papers_model():
+    # The algorithm's after_activation placement on a ComposerClassifier gives, module for module, the network
+    # blurpool_algo.models.resnet18 builds; the counts are logged; training runs.
+    from blurpool_algo import models
+
+    logger = InMemoryLogger()
+    model = _model()
+    algorithm = BlurPool(placement="after_activation", filter_size=4, pad_mode="reflect")
+    trainer = _trainer(model, algorithms=[algorithm], loggers=[logger])
+    built = models.resnet18(num_classes=NUM_CLASSES)
+    network = trainer.state.model.module
+    assert [(n, type(m).__name__) for n, m in network.named_modules()] == [
+        (n, type(m).__name__) for n, m in built.named_modules()
+    ]
+    assert all(
+        getattr(m, "stride", None) == getattr(dict(built.named_modules())[n], "stride", None)
+        for n, m in network.named_modules()
+    )
+    trainer.fit()
+    hparams = logger.hyperparameters
+    assert hparams["blurpool/num_blurinputconv_layers"] == 3 and hparams["blurpool/num_blurconv_layers"] == 3
+    assert hparams["blurpool/num_blurmaxpool_layers"] == 1
+
+
+def test_paper_placement_warns_about_strided_convs_it_cannot_place():
+    # A strided conv whose output goes straight into another conv has no activation to put the blur after.
+    network = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, NUM_CLASSES),
+    )  # fmt: skip
+    model = ComposerClassifier(network, num_classes=NUM_CLASSES)
+    algorithm = BlurPool(placement="after_activation")
+    with pytest.warns(UserWarning, match=r"does not recognize the structure around module\.3"):
+        _trainer(model, algorithms=[algorithm])
+    assert type(network[3]) is nn.Conv2d and network[3].stride == (2, 2)
+    assert [d.name for d in algorithm.report.skipped if "not recognized" in d.reason] == ["module.3"]
+
+
 @pytest.mark.parametrize("pattern", ["layer4.*", "module.layer4.*"])
 def test_exclude_patterns_name_the_wrapped_network(pattern):
     trainer = _trainer(_model(), algorithms=[BlurPool(exclude=[pattern])])
@@ -126,6 +165,7 @@ def test_no_warning_when_layers_are_replaced():
         {},
         {"blur_first": False, "filter_size": 4, "pad_mode": "reflect"},
         {"replace_convs": False, "replace_avgpools": True, "min_channels": 0, "exclude": ("layer4.*", "fc")},
+        {"placement": "after_activation", "filter_size": 4, "pad_mode": "reflect"},
     ],
 )
 def test_repr_evals_back_to_an_equal_algorithm(options):
@@ -157,6 +197,7 @@ def test_options_read_as_attributes_like_composers():
         ({"blur_first": "yes"}, "blur_first"),
         ({"replace_convs": False, "replace_maxpools": False}, "nothing to replace"),
         ({"exclude": [""]}, "exclude"),
+        ({"placement": "paper"}, "placement must be one of 'conv', 'after_activation'"),
     ],
 )
 def test_bad_options_fail_at_construction(options, message):

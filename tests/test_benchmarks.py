@@ -131,7 +131,12 @@ def test_overhead_runs_end_to_end_and_writes_json(tmp_path, monkeypatch, capsys)
     for arm in result["arms"].values():
         assert len(arm["train_step"]["values_ms"]) == 5 and arm["memory_bytes"] > 0
     layers = result["per_layer"]["layers"]
-    assert layers[0]["name"] == "maxpool" and len(layers) == 7
+    # The stem pool, and per stage the strided conv1 (blurred, or moved to stride 1 by the paper's placement), conv2
+    # (which takes the paper's blur) and the shortcut: 1 + 3 x 3.
+    assert layers[0]["name"] == "maxpool" and len(layers) == 10
+    stage = [entry for entry in layers if entry["name"].startswith("layer2.0.")]
+    assert [entry["name"] for entry in stage] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    assert not stage[1]["arms"]["ours_first"]["replaced"] and stage[1]["arms"]["ours_paper"]["replaced"]
     for arm, total in result["per_layer"]["added_ms"].items():
         assert total == pytest.approx(sum(entry["arms"][arm]["added_ms"] for entry in layers))
     assert payload["targets"] == []  # the targets are about ResNet-50

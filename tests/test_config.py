@@ -57,7 +57,7 @@ def test_quickstart_recipes_validate(name):
     assert ("blurpool" in recipe.algorithms) == name.endswith("blurpool")
 
 
-@pytest.mark.parametrize("name", ["resnet50_baseline", "resnet50_blurpool"])
+@pytest.mark.parametrize("name", ["resnet50_baseline", "resnet50_blurpool", "resnet50_blurpool_paper"])
 def test_imagenet_recipes_validate_with_a_root(name, imagenet_tree):
     recipe = load_recipe(YAMLS / f"{name}.yaml", [f"data.root={imagenet_tree}"])
     # The published reference: 90 epochs, SGD momentum 0.9, lr 0.1 per 256 images, wd 1e-4, step decay at 30/60.
@@ -77,11 +77,14 @@ def test_imagenet_root_from_the_environment(imagenet_tree, monkeypatch):
     assert load_recipe(YAMLS / "resnet50_blurpool.yaml").data.root == str(imagenet_tree)
 
 
-@pytest.mark.parametrize("family", ["quickstart", "resnet50"])
-def test_twins_differ_only_in_algorithms(family, imagenet_tree):
+@pytest.mark.parametrize(
+    ("family", "treatment"),
+    [("quickstart", "blurpool"), ("resnet50", "blurpool"), ("resnet50", "blurpool_paper")],
+)
+def test_twins_differ_only_in_algorithms(family, treatment, imagenet_tree):
     overrides = [f"data.root={imagenet_tree}"]
     baseline = dataclasses.asdict(load_recipe(YAMLS / f"{family}_baseline.yaml", overrides))
-    blurpool = dataclasses.asdict(load_recipe(YAMLS / f"{family}_blurpool.yaml", overrides))
+    blurpool = dataclasses.asdict(load_recipe(YAMLS / f"{family}_{treatment}.yaml", overrides))
     assert "blurpool" not in baseline["algorithms"] and "blurpool" in blurpool["algorithms"]
     baseline.pop("algorithms")
     blurpool_algorithms = blurpool.pop("algorithms")

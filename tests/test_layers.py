@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurMaxPool2d, BlurPool2d, blur_pool2d
+from blurpool_algo.layers import (
+    BlurAvgPool2d,
+    BlurConv2d,
+    BlurInputConv2d,
+    BlurMaxPool2d,
+    BlurPool2d,
+    blur_pool2d,
+)
 
 PAD_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -45,6 +52,7 @@ LAYER_KINDS = [
     "BlurConv2d-blur_after",
     "BlurConv2d-pointwise_first",  # an unpadded 1x1 conv: the blur runs at the conv's stride
     "BlurConv2d-pointwise_after",  # the same, bias-free: blur_first=False takes that path too
+    "BlurInputConv2d",  # blur-subsample, then a 3x3 conv at stride 1 (the paper's placement in ResNet blocks)
     "BlurMaxPool2d",
     "BlurAvgPool2d",
 ]
@@ -101,6 +109,9 @@ def make_layer(kind: str, *, dtype=None, pad_mode: str = "zeros", filter_size: i
     """One representative configuration per layer class (each exercising a different code path)."""
     if kind == "BlurPool2d":
         return BlurPool2d(channels, stride=2, filter_size=filter_size, pad_mode=pad_mode, dtype=dtype)
+    if kind == "BlurInputConv2d":
+        conv = nn.Conv2d(channels, 3, 3, padding=1, dtype=dtype)
+        return BlurInputConv2d.from_conv(conv, blur_stride=2, filter_size=filter_size, pad_mode=pad_mode)
     if kind.startswith("BlurConv2d-pointwise"):
         blur_first = kind.endswith("first")
         conv = nn.Conv2d(channels, 3, 1, stride=2, bias=blur_first, dtype=dtype)
@@ -124,7 +135,7 @@ def _original_runs(kind: str, dtype: torch.dtype) -> str | None:
     try:
         if kind == "BlurPool2d":  # the blur is a depthwise conv
             F.conv2d(x, torch.ones(IN_CHANNELS, 1, 3, 3, dtype=dtype), stride=2, groups=IN_CHANNELS)
-        elif kind.startswith("BlurConv2d"):
+        elif kind.startswith(("BlurConv2d", "BlurInputConv2d")):
             nn.Conv2d(IN_CHANNELS, 3, 3, stride=2, padding=1, dtype=dtype)(x)
         elif kind == "BlurMaxPool2d":
             nn.MaxPool2d(3, 2, 1, ceil_mode=True)(x)
@@ -247,7 +258,7 @@ def _tiny_original(kind: str, stride: int):
         return None
     if kind.startswith("BlurConv2d-pointwise"):
         return nn.Conv2d(IN_CHANNELS, 3, 1, stride, bias=kind.endswith("first"))
-    if kind.startswith("BlurConv2d"):
+    if kind.startswith(("BlurConv2d", "BlurInputConv2d")):  # a 3x3 conv at stride s: ceil(H / s), as the blur
         return nn.Conv2d(IN_CHANNELS, 3, 3, stride, padding=1)
     if kind == "BlurMaxPool2d":
         return nn.MaxPool2d(3, stride, padding=1, ceil_mode=True)
@@ -257,6 +268,9 @@ def _tiny_original(kind: str, stride: int):
 def _replace(original, kind: str, filter_size: int, pad_mode: str, stride: int):
     if kind == "BlurPool2d":
         return BlurPool2d(IN_CHANNELS, stride, filter_size, pad_mode)
+    if kind == "BlurInputConv2d":
+        unstrided = nn.Conv2d(IN_CHANNELS, 3, 3, padding=1)
+        return BlurInputConv2d.from_conv(unstrided, blur_stride=stride, filter_size=filter_size, pad_mode=pad_mode)
     if kind.startswith("BlurConv2d"):
         return BlurConv2d.from_conv(
             original, blur_first=kind.endswith("first"), filter_size=filter_size, pad_mode=pad_mode
@@ -678,6 +692,33 @@ def test_pointwise_conv_with_bias_and_zero_padding_keeps_the_dense_order():
     swapped = F.conv2d(ref_blur_pool(x, 3, 2, "zeros"), conv.weight, conv.bias)
     torch.testing.assert_close(swapped[..., 1:, 1:], out[..., 1:, 1:])  # the interior agrees
     assert not torch.allclose(swapped[..., 0, :], out[..., 0, :])  # the top border does not
+
+
+@pytest.mark.parametrize("pad_mode", PAD_MODES)
+@pytest.mark.parametrize("filter_size", [2, 3, 4])
+def test_blur_input_conv_is_blur_pool_then_the_conv(filter_size, pad_mode):
+    # The paper's "ReLU -> BlurPool -> conv", as one module: the reference blur, then torch's own conv, at the conv's
+    # own stride; outputs and gradients.
+    for stride, blur_stride, size in itertools.product((1, 2), (2, (2, 1), 3), ((9, 9), (8, 7), (2, 3))):
+        conv = nn.Conv2d(IN_CHANNELS, 3, 3, stride, padding=1, dtype=torch.float64)
+        new = BlurInputConv2d.from_conv(conv, blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode)
+        assert new.weight is conv.weight and new.stride == conv.stride
+        x = torch.randn(2, IN_CHANNELS, *size, dtype=torch.float64, requires_grad=True)
+        out, expected = new(x), conv(ref_blur_pool(x, filter_size, blur_stride, pad_mode))
+        torch.testing.assert_close(out, expected, msg=f"{stride} {blur_stride} {size}")
+        grad_output = torch.randn_like(out)
+        inputs = (x, conv.weight, conv.bias)
+        for got, want in zip(
+            torch.autograd.grad(out, inputs, grad_output),
+            torch.autograd.grad(expected, inputs, grad_output),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, want)
+
+
+def test_blur_input_conv_rejects_a_bad_blur_stride():
+    with pytest.raises(ValueError, match="blur_stride"):
+        BlurInputConv2d(2, 3, 3, blur_stride=0)
 
 
 # Ops that would copy or rebuild the filter (or the input) on every forward, as Composer's per-forward .repeat does.

@@ -195,8 +195,11 @@ def test_report_lists_every_candidate(arch: str) -> None:
         "num_blurconv_layers",
         "num_blurmaxpool_layers",
         "num_bluravgpool_layers",
+        "num_blurpool2d_layers",
+        "num_blurinputconv_layers",
         "num_skipped_layers",
     }
+    assert counts["num_blurpool2d_layers"] == counts["num_blurinputconv_layers"] == 0  # the paper's placement only
     assert counts["num_blurconv_layers"] == len(blurred_names(model, BlurConv2d))
     assert counts["num_blurmaxpool_layers"] == len(blurred_names(model, BlurMaxPool2d))
     assert counts["num_bluravgpool_layers"] == len(blurred_names(model, BlurAvgPool2d))
