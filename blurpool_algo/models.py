@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import pickle
 from collections.abc import Callable, Mapping
 
 import torch
@@ -105,7 +106,15 @@ def _state_dict_from(weights: Weights) -> Mapping[str, torch.Tensor]:
     elif isinstance(weights, str | os.PathLike):
         if not os.path.isfile(weights):
             raise ValueError(f"weights: {os.fspath(weights)!r} is not a file (a path to a state dict, or the dict)")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # A full Composer checkpoint also pickles RNG states (numpy arrays), which a weights-only load refuses.
+            raise ValueError(
+                f"weights: {os.fspath(weights)!r} holds more than tensors (a full Composer checkpoint, say), which a "
+                "safe weights-only load refuses; if you trust the file, pass torch.load(path, weights_only=False) "
+                "instead of the path"
+            ) from None
     else:
         raise ValueError(f"weights must be a file path or a state dict, got {type(weights).__name__}")
     if isinstance(state, Mapping) and isinstance(state.get("state"), Mapping) and "model" in state["state"]:
