@@ -103,8 +103,16 @@ def _blur_subsample(
     return F.conv2d(_pad(x, pads, pad_mode), weight, stride=stride, groups=channels)
 
 
-def _take_over(new: nn.Conv2d, conv: nn.Conv2d) -> Any:
-    """Gives ``new`` (built on the meta device) ``conv``'s very Parameter objects, training mode and a real filter."""
+def _from_conv(cls: Any, conv: nn.Conv2d, **blur_options: Any) -> Any:
+    """Builds ``cls`` with ``conv``'s hyperparameters and ``blur_options``, sharing ``conv``'s Parameter objects.
+
+    The new module is built on the meta device (no weights initialised only to be dropped), then takes ``conv``'s
+    ``weight`` and ``bias``, its training mode, and a real filter in the weight's dtype and device.
+    """
+    new = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+        conv.bias is not None, conv.padding_mode, device="meta", **blur_options,
+    )  # fmt: skip
     new.weight = conv.weight
     new.bias = conv.bias
     blur_filter = binomial_filter_2d(new.filter_size, dtype=conv.weight.dtype, device=conv.weight.device)
@@ -293,12 +301,7 @@ class BlurConv2d(_OptionalFilterOnLoad, nn.Conv2d):
         Hyperparameters (padding_mode included), training mode and requires_grad carry over; the filter buffer takes
         the weight's dtype and device.
         """
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-            blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode,
-        )  # fmt: skip
-        return _take_over(new, conv)
+        return _from_conv(cls, conv, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode)
 
     def _conv_at_stride_one(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
@@ -381,12 +384,7 @@ class BlurInputConv2d(_OptionalFilterOnLoad, nn.Conv2d):
         cls, conv: nn.Conv2d, *, blur_stride: int | tuple[int, int] = 2, filter_size: int = 3, pad_mode: str = "zeros"
     ) -> BlurInputConv2d:
         """Builds a copy of ``conv`` that blur-subsamples its input first, sharing ``conv``'s Parameter objects."""
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-            blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode,
-        )  # fmt: skip
-        return _take_over(new, conv)
+        return _from_conv(cls, conv, blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode)
 
     def forward(self, input: Tensor) -> Tensor:
         blurred = _blur_subsample(input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)

@@ -297,7 +297,7 @@ def apply_blurpool(
     _refuse_wrapped(model)
     dtype, device = _reference_dtype_device(model)
     if opts.placement == "after_activation":
-        return _place_after_activations(model, opts, dtype, device)
+        return _AfterActivation(model, opts, dtype, device).run()
 
     # Every place a candidate sits: (parent, attribute name, full name); a shared module has several.
     places: dict[int, list[tuple[nn.Module, str, str]]] = {}
@@ -337,7 +337,6 @@ class _AfterActivation:
         self.opts = opts
         self.dtype = dtype
         self.device = device
-        self.names = {id(m): n for n, m in model.named_modules()}
         self.report = BlurPoolReport(options=opts)
         self.done: set[int] = set()  # modules a rule has dealt with (replaced, moved, or skipped with a reason)
 
@@ -516,7 +515,3 @@ class _AfterActivation:
 
 def _pairs(value: Any) -> tuple[int, int]:
     return tuple(value) if isinstance(value, Sequence) else (int(value), int(value))  # type: ignore[return-value]
-
-
-def _place_after_activations(model: nn.Module, opts: BlurPoolOptions, dtype, device) -> BlurPoolReport:
-    return _AfterActivation(model, opts, dtype, device).run()
