@@ -10,7 +10,6 @@ algorithm; in a process that never imported ``blurpool_algo`` the rebuild fails 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import warnings
@@ -18,11 +17,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import composer.algorithms
+from composer.algorithms import BlurPool as ComposerBlurPool
 from composer.algorithms.warnings import NoEffectWarning
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from blurpool_algo.surgery import UNRECOGNIZED, BlurPoolOptions, BlurPoolReport, apply_blurpool, validate_options
+from blurpool_algo.surgery import (
+    UNRECOGNIZED,
+    BlurPoolOptions,
+    BlurPoolReport,
+    apply_blurpool_options,
+    child_name_roots,
+    validate_options,
+)
 
 __all__ = ["BlurPool"]
 
@@ -59,8 +66,11 @@ class BlurPool(Algorithm):
         pad_mode: the blur's padding: ``'zeros'`` (Composer's), ``'reflect'`` (the paper's), ``'replicate'``,
             ``'circular'``.
         replace_avgpools: also replace strided ``nn.AvgPool2d`` layers by :class:`~blurpool_algo.BlurAvgPool2d`.
-        exclude: fnmatch patterns of module names to leave alone, e.g. ``['layer4.*']``; names are those of your
-            network (``model.module`` of a ComposerClassifier) or of the whole ComposerModel (``module.layer4.*``).
+        exclude: fnmatch patterns of module names to leave alone, e.g. ``['layer4']``; a pattern that matches a
+            module excludes it and everything under it. Names are those of your network (``model.module`` of a
+            ComposerClassifier) or of the whole ComposerModel (``module.layer4``). A pattern that matches no module
+            name is warned about once at ``Event.INIT``, with the closest names, and listed in
+            ``report.unmatched_exclude``.
         placement: ``'conv'`` (Composer's: the blur sits at the strided conv, as ``blur_first`` says) or
             ``'after_activation'`` (the paper's: the conv runs at stride 1, then its BatchNorm and activation, then
             the blur subsamples; ``blur_first`` does not apply). The paper's placement is recognized in
@@ -118,13 +128,17 @@ class BlurPool(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         assert state.model is not None, "BlurPool needs state.model at Event.INIT"
+        # Composer's BlurPool replaces the same layers: beside it, every subsampling layer would be blurred twice, or
+        # one surgery would silently win. Either order lands here, since this check runs before any surgery of ours.
+        composers = [a for a in state.algorithms if isinstance(a, ComposerBlurPool)]
+        if composers:
+            raise ValueError(
+                f"{self!r} cannot run beside Composer's BlurPool (composer.algorithms.BlurPool) in one Trainer: both "
+                "anti-alias the same layers, so they would be blurred twice; pass only one of them in algorithms"
+            )
         # In a Trainer the network sits inside the ComposerModel (``module.layer4...``); users write names relative
-        # to their network (``layer4.*``), so each pattern also applies under each of the wrapper's children.
-        exclude = self.options.exclude + tuple(
-            f"{child}.{pattern}" for child, _ in state.model.named_children() for pattern in self.options.exclude
-        )
-        options = dataclasses.replace(self.options, exclude=exclude)
-        self.report = apply_blurpool(state.model, optimizers=state.optimizers, **vars(options))
+        # to their network (``layer4``), so patterns are matched relative to the model and to each of its children.
+        self.report = apply_blurpool_options(state.model, self.options, name_roots=child_name_roots(state.model))
         counts = self.report.counts()
         log.info("Applied %r to %s.\n%s", self, type(state.model).__name__, self.report)
         logger.log_hyperparameters(

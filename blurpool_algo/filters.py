@@ -14,6 +14,7 @@ import math
 import torch
 
 __all__ = [
+    "MAX_FILTER_SIZE",
     "PAD_MODES",
     "binomial_filter_2d",
     "binomial_taps",
@@ -26,11 +27,19 @@ __all__ = [
 #: Padding modes a blur accepts; the names follow ``nn.Conv2d``'s ``padding_mode``.
 PAD_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
 
+#: The largest filter size accepted: far beyond any published use (2 to 7), and small enough that every tap of the 2-D
+#: filter is a positive, normal float32 (the smallest, 2**-62, is far above float32's 2**-126). Without a bound, a
+#: size above 1024 would fail as an OverflowError of the normalization 2**(k-1) instead of a message naming the option.
+MAX_FILTER_SIZE = 32
+
 
 def validate_filter_size(filter_size: object, name: str = "filter_size") -> int:
-    """Returns ``filter_size`` if it is an int >= 1, else raises ``ValueError`` naming ``name``."""
-    if isinstance(filter_size, bool) or not isinstance(filter_size, int) or filter_size < 1:
-        raise ValueError(f"{name} must be an int >= 1 (1 = no blur, 3 = [1, 2, 1]/4, ...), got {filter_size!r}")
+    """Returns ``filter_size`` if it is an int from 1 to :data:`MAX_FILTER_SIZE`, else raises ``ValueError``."""
+    if isinstance(filter_size, bool) or not isinstance(filter_size, int) or not 1 <= filter_size <= MAX_FILTER_SIZE:
+        raise ValueError(
+            f"{name} must be an int >= 1 and <= {MAX_FILTER_SIZE} (1 = no blur, 3 = [1, 2, 1]/4, 4 = the paper's), "
+            f"got {filter_size!r}"
+        )
     return filter_size
 
 
@@ -45,7 +54,7 @@ def binomial_taps(filter_size: int, *, dtype: torch.dtype = torch.float32, devic
     """1-D binomial low-pass taps of length ``filter_size``, normalized to sum to one.
 
     Args:
-        filter_size: number of taps, >= 1.
+        filter_size: number of taps, 1 to :data:`MAX_FILTER_SIZE`.
         dtype: dtype of the returned tensor.
         device: device of the returned tensor.
 

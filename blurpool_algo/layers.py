@@ -131,6 +131,12 @@ class _OptionalFilterOnLoad:
 
     The buffer is still saved, so a blurred state dict has keys an un-blurred model lacks and a strict load into one
     fails loudly instead of giving a different network.
+
+    Whatever the state dict holds, a load leaves the buffer holding the filter that ``filter_size`` gives, in the
+    buffer's dtype and device: a model built on the meta device and materialized with ``to_empty`` has garbage there,
+    which a baseline state dict (no filter key) would otherwise keep. A filter the state dict does hold must be that
+    same filter (compared in the dtype it was saved in); anything else is reported as a load error, so a corrupted or
+    foreign checkpoint cannot swap in another filter.
     """
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
@@ -140,6 +146,24 @@ class _OptionalFilterOnLoad:
         key = prefix + FILTER_BUFFER
         if key in missing_keys:
             missing_keys.remove(key)
+        buffer = self._buffers[FILTER_BUFFER]  # type: ignore[attr-defined]
+        filter_size: int = self.filter_size  # type: ignore[attr-defined]
+        stored = state_dict.get(key)
+        # A mis-shaped or non-tensor value was reported by the load above; a meta tensor has no values to compare.
+        if torch.is_tensor(stored) and stored.shape == buffer.shape and not stored.is_meta:
+            expected = binomial_filter_2d(filter_size, dtype=stored.dtype, device=stored.device)
+            if not (stored.is_floating_point() and torch.equal(stored, expected.expand_as(stored))):
+                errors.append(
+                    f"{key} is not the binomial filter of size {filter_size} this layer computes (a corrupted or "
+                    "foreign checkpoint?); allowed: that filter, or no such key"
+                )
+        computed = binomial_filter_2d(filter_size, dtype=buffer.dtype, device=buffer.device).expand_as(buffer)
+        with torch.no_grad():
+            if local_metadata.get("assign_to_params_buffers", False):
+                # load_state_dict(assign=True) made the caller's tensor the buffer: never write into it.
+                self._buffers[FILTER_BUFFER] = computed.contiguous()  # type: ignore[attr-defined]
+            else:
+                buffer.copy_(computed)
 
 
 def blur_pool2d(

@@ -3,12 +3,20 @@
 ``apply_blurpool`` decides which modules are replaced and by what, and returns a :class:`BlurPoolReport` that lists
 every candidate it saw, replaced or skipped, with the reason. It creates no new parameters: a replaced conv keeps its
 ``weight`` and ``bias`` Parameter objects, so optimizers built before the surgery stay valid.
+
+Exclude patterns are fnmatch patterns of module names. A pattern that matches a module's name excludes that module and
+everything under it (``'layer4'`` is all of layer4); a pattern that matches no module name at all is reported
+(:attr:`BlurPoolReport.unmatched_exclude`) and warned about, naming the closest names, since a typo would otherwise
+exclude nothing in silence. Names are matched relative to *roots*: the model itself (``''``) and, for the Composer
+algorithm, each of the ComposerModel's children (so ``'layer4'`` names ``module.layer4``).
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +26,17 @@ from torch import nn
 from blurpool_algo.filters import validate_filter_size, validate_pad_mode
 from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d
 
-__all__ = ["PLACEMENTS", "BlurPoolOptions", "BlurPoolReport", "ModuleDecision", "apply_blurpool", "validate_options"]
+__all__ = [
+    "PLACEMENTS",
+    "BlurPoolOptions",
+    "BlurPoolReport",
+    "ModuleDecision",
+    "apply_blurpool",
+    "apply_blurpool_options",
+    "child_name_roots",
+    "unmatched_exclude_patterns",
+    "validate_options",
+]
 
 #: The layer classes this surgery produces; a model holding them has been (partly) anti-aliased already.
 BLUR_LAYER_TYPES: tuple[type[nn.Module], ...] = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d, BlurInputConv2d, BlurPool2d)
@@ -29,6 +47,10 @@ PLACEMENTS: tuple[str, ...] = ("conv", "after_activation")
 
 #: How a skipped-module reason starts when the paper's placement does not recognize a strided conv's surroundings.
 UNRECOGNIZED = "structure not recognized"
+
+#: Where Composer keeps its own BlurPool layers; a model holding one was anti-aliased by Composer's surgery already.
+#: Matched by module name, so this module imports no Composer code.
+COMPOSER_BLURPOOL_MODULE = "composer.algorithms.blurpool"
 
 #: Activations after which the paper's placement puts the blur.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -65,12 +87,7 @@ def validate_options(**options: Any) -> BlurPoolOptions:
         raise ValueError(f"min_channels must be an int >= 0, got {min_channels!r}")
     validate_filter_size(options.get("filter_size", 3))
     validate_pad_mode(options.get("pad_mode", "zeros"))
-    exclude = options.get("exclude", ())
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    if not isinstance(exclude, Iterable) or not all(isinstance(p, str) and p for p in exclude):
-        raise ValueError(f"exclude must be a sequence of non-empty module-name patterns (fnmatch), got {exclude!r}")
-    options["exclude"] = tuple(exclude)
+    options["exclude"] = _check_exclude(options.get("exclude", ()))
     placement = options.get("placement", "conv")
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {', '.join(map(repr, PLACEMENTS))}, got {placement!r}")
@@ -80,6 +97,106 @@ def validate_options(**options: Any) -> BlurPoolOptions:
             "nothing to replace: at least one of replace_convs, replace_maxpools, replace_avgpools must be True"
         )
     return opts
+
+
+def _check_exclude(exclude: Any) -> tuple[str, ...]:
+    """Exclude patterns as a tuple; one string is one pattern."""
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    patterns = tuple(exclude) if isinstance(exclude, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"exclude must be a sequence of non-empty module-name patterns (fnmatch), got {exclude!r}")
+    return patterns
+
+
+def _check_roots(roots: Any) -> tuple[str, ...]:
+    names = None if isinstance(roots, str) or not isinstance(roots, Iterable) else tuple(roots)
+    if names is None or not all(isinstance(r, str) for r in names):
+        raise ValueError(f"roots must be a sequence of module names ('' = the model itself), got {roots!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def _relative_names(name: str, roots: Sequence[str]) -> Iterator[str]:
+    """``name`` as each root it lies strictly under spells it (a root's own name only from the model's root ``''``)."""
+    for root in roots:
+        if not root:
+            yield name
+        elif name.startswith(root + "."):
+            yield name[len(root) + 1 :]
+
+
+def child_name_roots(model: nn.Module) -> tuple[str, ...]:
+    """The roots the Composer algorithm matches exclude patterns under: the model itself and each direct child.
+
+    A ComposerClassifier holds the user's network as ``module``; with these roots ``'layer4'`` and ``'module.layer4'``
+    both name its ``layer4``. Pass the result as ``roots`` to :func:`unmatched_exclude_patterns` to check patterns the
+    way ``BlurPool`` will apply them.
+    """
+    return ("", *(name for name, _ in model.named_children()))
+
+
+def unmatched_exclude_patterns(
+    model: nn.Module, patterns: str | Iterable[str], roots: Sequence[str] = ("",)
+) -> list[tuple[str, list[str]]]:
+    """The exclude patterns that match no module name of ``model``, each with the closest module names.
+
+    A pattern matches when it fnmatches the name of any module (containers included, as ``named_modules()`` spells
+    them) relative to any of ``roots``. No weights are read, so a model built on the meta device will do: this is the
+    check to run on a recipe before training, and the one ``apply_blurpool`` warns with.
+
+    Args:
+        model: the model whose module names the patterns should match.
+        patterns: fnmatch patterns, or one pattern as a string.
+        roots: module names the patterns are relative to; ``''`` is the model itself. The Composer algorithm uses
+            :func:`child_name_roots` (the model and each of its direct children).
+
+    Returns:
+        ``[(pattern, closest_names), ...]`` in the order of ``patterns``, for the patterns that match nothing;
+        ``closest_names`` (at most 3, by ``difflib.get_close_matches``, relative to a root) may be empty.
+
+    Raises:
+        ValueError: on an empty or non-string pattern, or ``roots`` that is not a sequence of strings.
+    """
+    patterns, roots = _check_exclude(patterns), _check_roots(roots)
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    relative = list(dict.fromkeys(r for name in names for r in _relative_names(name, roots)))
+    return [
+        (pattern, difflib.get_close_matches(pattern, relative, n=3))
+        for pattern in patterns
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in relative)
+    ]
+
+
+class _Exclusion:
+    """Which modules the exclude patterns leave alone: a matched module and everything under it, under any root."""
+
+    def __init__(self, patterns: Sequence[str], roots: Sequence[str]) -> None:
+        self.patterns = patterns
+        self.roots = roots
+
+    def _match(self, name: str) -> tuple[str, str] | None:
+        """(pattern, the matched module): ``name`` itself if a pattern matches it, else the nearest container."""
+        parts = name.split(".")
+        for depth in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:depth])
+            for pattern in self.patterns:
+                if any(fnmatch.fnmatchcase(r, pattern) for r in _relative_names(prefix, self.roots)):
+                    return pattern, prefix
+        return None
+
+    def reason(self, name: str, *others: str) -> str | None:
+        """Why module ``name`` (also reachable, or also changed, as ``others``) is excluded, or None."""
+        for candidate in (name, *others):
+            found = self._match(candidate)
+            if found is None:
+                continue
+            pattern, matched = found
+            if matched == name:
+                return f"name matches exclude pattern {pattern!r}"
+            if name.startswith(matched + "."):
+                return f"inside {matched!r}, which matches exclude pattern {pattern!r}"
+            return f"{matched!r} matches exclude pattern {pattern!r}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -99,6 +216,8 @@ class BlurPoolReport:
     options: BlurPoolOptions
     replaced: list[ModuleDecision] = field(default_factory=list)
     skipped: list[ModuleDecision] = field(default_factory=list)
+    #: Exclude patterns (as the user wrote them) that matched no module name, so excluded nothing.
+    unmatched_exclude: tuple[str, ...] = ()
 
     def _count(self, cls: type[nn.Module]) -> int:
         return sum(d.replacement == cls.__name__ for d in self.replaced)
@@ -148,12 +267,21 @@ class BlurPoolReport:
         lines = [f"BlurPool surgery: {self.num_replaced} replaced, {len(self.skipped)} skipped"]
         lines += [f"  replaced {d.name}: {d.original} -> {d.replacement} ({d.reason})" for d in self.replaced]
         lines += [f"  skipped  {d.name}: {d.original} ({d.reason})" for d in self.skipped]
+        lines += [f"  exclude pattern {p!r} matched no module name" for p in self.unmatched_exclude]
         return "\n".join(lines)
 
 
-def _refuse_wrapped(model: nn.Module) -> None:
+def _preview(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(map(repr, names[:limit]))
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_model(model: Any) -> None:
+    """Refuses a model the surgery cannot change correctly in place; raises ``ValueError`` saying what to do instead."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, DistributedDataParallel | nn.DataParallel):
         raise ValueError(
             f"apply_blurpool got a {type(model).__name__}-wrapped model; apply it to the plain model before wrapping "
@@ -164,6 +292,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
             "apply_blurpool got a torch.compile'd model, whose compiled graphs would not see the new layers; "
             "apply it to the plain model, then compile"
         )
+    composer_layers = []
     for name, module in model.named_modules():
         if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or type(module).__name__.startswith(
             "FSDP"
@@ -171,6 +300,20 @@ def _refuse_wrapped(model: nn.Module) -> None:
             raise ValueError(
                 f"apply_blurpool got a model with FSDP-wrapped module {name or '<root>'!r}; apply it before sharding"
             )
+        if isinstance(module, torch.jit.ScriptModule):
+            # Its compiled code calls the layers it was scripted with: swapping attributes would change nothing.
+            where = f"submodule {name!r}" if name else "the model itself"
+            raise ValueError(
+                f"apply_blurpool got a TorchScript module ({where}, from torch.jit.script or trace), whose compiled "
+                "code would not see new layers; apply it to the plain module, then script"
+            )
+        if type(module).__module__.startswith(COMPOSER_BLURPOOL_MODULE):
+            composer_layers.append(name)
+    if composer_layers:
+        raise ValueError(
+            f"the model already holds Composer's BlurPool layers ({_preview(composer_layers)}): anti-aliasing it again "
+            "would blur twice; use one BlurPool (Composer's or this one) on the plain model"
+        )
 
 
 def _reference_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
@@ -185,9 +328,10 @@ def _max_stride(module: nn.Module) -> int:
     return max(stride) if isinstance(stride, Sequence) else int(stride)
 
 
-def _decide(module: nn.Module, names: list[str], opts: BlurPoolOptions, dtype, device) -> tuple[nn.Module | None, str]:
+def _decide(
+    module: nn.Module, names: list[str], opts: BlurPoolOptions, exclusion: _Exclusion, dtype, device
+) -> tuple[nn.Module | None, str]:
     """Returns (replacement or None, reason)."""
-    excluded = [p for p in opts.exclude if any(fnmatch.fnmatchcase(n, p) for n in names)]
     if isinstance(module, BLUR_LAYER_TYPES):
         return None, "already anti-aliased"
     kind = type(module)
@@ -202,8 +346,9 @@ def _decide(module: nn.Module, names: list[str], opts: BlurPoolOptions, dtype, d
         return None, "replace_avgpools=False"
     if _max_stride(module) <= 1:
         return None, "stride 1: no subsampling to anti-alias"
-    if excluded:
-        return None, f"name matches exclude pattern {excluded[0]!r}"
+    excluded = exclusion.reason(*names)
+    if excluded is not None:
+        return None, excluded
     if kind is nn.Conv2d:
         conv: nn.Conv2d = module  # type: ignore[assignment]
         if conv.in_channels < opts.min_channels:
@@ -261,7 +406,11 @@ def apply_blurpool(
         min_channels: convs with fewer input channels are left alone (the RGB stem, typically).
         filter_size: binomial filter size, >= 1 (3 = [1, 2, 1]/4; the paper's default is 4).
         pad_mode: the blur's padding, one of ``'zeros'``, ``'reflect'``, ``'replicate'``, ``'circular'``.
-        exclude: fnmatch patterns of module names (as in ``named_modules()``) to leave alone, e.g. ``["layer4.*"]``.
+        exclude: fnmatch patterns of module names (as in ``named_modules()``) to leave alone: a pattern that matches
+            a module's name excludes that module and everything under it (``"layer4"``, ``"layer4.*"``: all of
+            layer4; ``"layer4.0"``: its first block). A pattern that matches no module name excludes nothing: it is
+            listed in :attr:`BlurPoolReport.unmatched_exclude` and warned about (``UserWarning``), with the closest
+            names.
         placement: ``'conv'`` (the blur sits at the strided conv, before or after it as ``blur_first`` says;
             Composer's two modes), or ``'after_activation'`` (the paper's: the conv runs at stride 1, then its BN and
             activation, then the blur subsamples; ``blur_first`` does not apply). The paper's placement needs the
@@ -275,7 +424,8 @@ def apply_blurpool(
         A :class:`BlurPoolReport` of what was replaced and what was skipped, and why.
 
     Raises:
-        ValueError: on a bad option, or a model that is DDP/FSDP-wrapped or compiled.
+        ValueError: on a bad option, or a model that is DDP/FSDP-wrapped, compiled, scripted (TorchScript), or that
+            holds Composer's BlurPool layers already (it would be blurred twice).
 
     Example:
         >>> import torchvision
@@ -288,17 +438,60 @@ def apply_blurpool(
         blur_first=blur_first, min_channels=min_channels, filter_size=filter_size, pad_mode=pad_mode, exclude=exclude,
         placement=placement,
     )  # fmt: skip
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizers is not None:
         optimizer_list = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         if not all(isinstance(o, torch.optim.Optimizer) for o in optimizer_list):
             raise ValueError("optimizers must be a torch.optim.Optimizer, a sequence of them, or None")
-    _refuse_wrapped(model)
-    dtype, device = _reference_dtype_device(model)
-    if opts.placement == "after_activation":
-        return _AfterActivation(model, opts, dtype, device).run()
+    return apply_blurpool_options(model, opts)
 
+
+def apply_blurpool_options(
+    model: nn.Module, options: BlurPoolOptions, *, name_roots: Sequence[str] = ("",)
+) -> BlurPoolReport:
+    """:func:`apply_blurpool` with options already validated, exclude patterns matched relative to ``name_roots``.
+
+    For callers that hold a :class:`BlurPoolOptions` (from :func:`validate_options`), such as the Composer algorithm,
+    which passes :func:`child_name_roots` so that names as the wrapped network spells them match. Each pattern that
+    matches no module name under any root is warned about once, as written.
+
+    Raises:
+        ValueError: when ``options`` is not a ``BlurPoolOptions``, on bad ``name_roots``, and on a model that
+            :func:`apply_blurpool` refuses.
+    """
+    if not isinstance(options, BlurPoolOptions):
+        raise ValueError(f"options must be a BlurPoolOptions (see validate_options), got {type(options).__name__}")
+    roots = _check_roots(name_roots)
+    _check_model(model)
+    # Before the surgery: the paper's placement adds modules (an activation's slot becomes a Sequential), and the
+    # user wrote the patterns against the model as it was.
+    unmatched = unmatched_exclude_patterns(model, options.exclude, roots)
+    for pattern, closest in unmatched:
+        children = [name for name, _ in model.named_children()]
+        hint = (
+            f"closest names: {', '.join(map(repr, closest))}"
+            if closest
+            else f"no name is close; the model's children: {_preview(children, 8) or 'none'}"
+        )
+        under = f" (relative to the model or to {', '.join(r for r in roots if r)})" if any(roots) else ""
+        warnings.warn(
+            f"exclude pattern {pattern!r} matches no module name{under}, so it excludes nothing; {hint}",
+            UserWarning,
+            stacklevel=3,
+        )
+    exclusion = _Exclusion(options.exclude, roots)
+    dtype, device = _reference_dtype_device(model)
+    if options.placement == "after_activation":
+        report = _AfterActivation(model, options, exclusion, dtype, device).run()
+    else:
+        report = _replace_at_the_conv(model, options, exclusion, dtype, device)
+    report.unmatched_exclude = tuple(pattern for pattern, _ in unmatched)
+    return report
+
+
+def _replace_at_the_conv(
+    model: nn.Module, opts: BlurPoolOptions, exclusion: _Exclusion, dtype, device
+) -> BlurPoolReport:
+    """``placement='conv'``: each candidate is replaced in place by its anti-aliased version (or skipped)."""
     # Every place a candidate sits: (parent, attribute name, full name); a shared module has several.
     places: dict[int, list[tuple[nn.Module, str, str]]] = {}
     modules: dict[int, nn.Module] = {}
@@ -313,7 +506,7 @@ def apply_blurpool(
     for key, occurrences in places.items():
         names = list(dict.fromkeys(name for _, _, name in occurrences))
         module = modules[key]
-        replacement, reason = _decide(module, names, opts, dtype, device)
+        replacement, reason = _decide(module, names, opts, exclusion, dtype, device)
         shared = f" (shared: also {', '.join(names[1:])})" if len(names) > 1 else ""
         if replacement is None:
             report.skipped.append(ModuleDecision(names[0], type(module).__name__, None, reason + shared))
@@ -332,23 +525,23 @@ def apply_blurpool(
 class _AfterActivation:
     """One pass of the paper's placement over a model (see :func:`apply_blurpool`, ``placement='after_activation'``)."""
 
-    def __init__(self, model: nn.Module, opts: BlurPoolOptions, dtype, device) -> None:
+    def __init__(self, model: nn.Module, opts: BlurPoolOptions, exclusion: _Exclusion, dtype, device) -> None:
         self.model = model
         self.opts = opts
+        self.exclusion = exclusion
         self.dtype = dtype
         self.device = device
         self.report = BlurPoolReport(options=opts)
         self.done: set[int] = set()  # modules a rule has dealt with (replaced, moved, or skipped with a reason)
 
-    def _excluded(self, *names: str) -> str | None:
-        return next((p for p in self.opts.exclude if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
-
-    def _conv_refusal(self, conv: nn.Conv2d, name: str) -> str | None:
+    def _conv_refusal(self, conv: nn.Conv2d, name: str, *changed: str) -> str | None:
+        """Why the strided conv ``name`` stays as it is (None: it may change), ``changed`` naming other modules the
+        change would replace (an excluded one vetoes it too)."""
         if not self.opts.replace_convs:
             return "replace_convs=False"
-        pattern = self._excluded(name)
-        if pattern is not None:
-            return f"name matches exclude pattern {pattern!r}"
+        excluded = self.exclusion.reason(name, *changed)
+        if excluded is not None:
+            return excluded
         if conv.in_channels < self.opts.min_channels:
             return (
                 f"in_channels {conv.in_channels} < min_channels {self.opts.min_channels} "
@@ -406,7 +599,7 @@ class _AfterActivation:
         if not self._is_strided_conv(conv) or id(conv) in self.done:
             return
         name = f"{prefix}{strided_key}"
-        refusal = self._conv_refusal(conv, name)
+        refusal = self._conv_refusal(conv, name, f"{prefix}{consumer_key}")
         if refusal is None and type(consumer) is not nn.Conv2d:
             refusal = (
                 f"{prefix}{consumer_key} is a {type(consumer).__name__}, not the nn.Conv2d that would take the blur"
@@ -449,9 +642,9 @@ class _AfterActivation:
         if not enabled:
             self._skip(pool, name, f"replace_{'max' if kind is nn.MaxPool2d else 'avg'}pools=False")
             return
-        pattern = self._excluded(name)
-        if pattern is not None:
-            self._skip(pool, name, f"name matches exclude pattern {pattern!r}")
+        excluded = self.exclusion.reason(name)
+        if excluded is not None:
+            self._skip(pool, name, excluded)
             return
         if kind is nn.MaxPool2d:
             if pool.return_indices:

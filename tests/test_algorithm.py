@@ -118,13 +118,51 @@ def test_paper_placement_warns_about_strided_convs_it_cannot_place():
     assert [d.name for d in algorithm.report.skipped if "not recognized" in d.reason] == ["module.3"]
 
 
-@pytest.mark.parametrize("pattern", ["layer4.*", "module.layer4.*"])
+@pytest.mark.parametrize("pattern", ["layer4.*", "module.layer4.*", "layer4", "module.layer4"])
 def test_exclude_patterns_name_the_wrapped_network(pattern):
-    trainer = _trainer(_model(), algorithms=[BlurPool(exclude=[pattern])])
+    algorithm = BlurPool(exclude=[pattern])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # every pattern here matches a module: no warning
+        trainer = _trainer(_model(), algorithms=[algorithm])
     blurred = _blur_layers(trainer.state.model)
     assert blurred and not any(name.startswith("module.layer4.") for name in blurred)
     assert any(name.startswith("module.layer3.") for name in blurred)
     assert type(trainer.state.model.module.layer4[0].conv1) is nn.Conv2d
+    assert algorithm.report.unmatched_exclude == ()
+    # The report names the user's pattern, not a variant the algorithm derived from it.
+    assert {d.reason.split("exclude pattern ")[-1] for d in algorithm.report.skipped if "exclude" in d.reason} == {
+        repr(pattern)
+    }
+
+
+def test_exclude_pattern_that_matches_nothing_warns_once_naming_the_users_pattern():
+    # The paper's placement too: both placements share the matching.
+    for placement in ("conv", "after_activation"):
+        algorithm = BlurPool(exclude=["layr4.*", "layer3"], placement=placement)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = _trainer(_model(), algorithms=[algorithm])
+        unmatched = [str(w.message) for w in caught if "matches no module name" in str(w.message)]
+        assert len(unmatched) == 1, unmatched
+        assert "'layr4.*'" in unmatched[0] and "'layer4" in unmatched[0]
+        assert "module.layr4" not in unmatched[0]
+        assert algorithm.report.unmatched_exclude == ("layr4.*",)
+        network = trainer.state.model.module
+        assert not any(isinstance(m, BlurConv2d) for m in network.layer3.modules())  # "layer3" excluded all of it
+        assert any(isinstance(m, BlurConv2d) for m in network.layer4.modules())  # the typo excluded nothing
+
+
+@pytest.mark.parametrize("composer_first", [True, False], ids=["composer_first", "ours_first"])
+def test_refuses_to_run_beside_composers_blurpool(composer_first):
+    # Both in one Trainer would blur every subsampling layer twice (or one would undo the other) without a word.
+    model = _model()
+    ours, theirs = BlurPool(), composer.algorithms.BlurPool()
+    algorithms = [theirs, ours] if composer_first else [ours, theirs]
+    with pytest.raises(ValueError, match=r"composer\.algorithms\.BlurPool") as info:
+        _trainer(model, algorithms=algorithms)
+    assert "\n" not in str(info.value)
+    # Ours blurred nothing (Composer's may have run first: whatever it did is its own surgery, not ours).
+    assert not any(isinstance(m, BlurConv2d | BlurMaxPool2d) for m in model.modules())
 
 
 def test_algorithm_matches_only_init():

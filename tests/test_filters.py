@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from blurpool_algo import filters
 from blurpool_algo.filters import (
     PAD_MODES,
     binomial_filter_2d,
@@ -174,9 +175,30 @@ def test_validate_filter_size_names_the_argument(bad):
     assert "filter_size" not in str(info.value)
 
 
-@pytest.mark.parametrize("good", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("good", [1, 2, 3, 7, 32])
 def test_validate_filter_size_returns_value(good):
     assert validate_filter_size(good) == good
+
+
+def test_filter_size_upper_bound():
+    # The bound is documented and checked up front: far beyond any published use (2-7), and every tap of the
+    # largest filter is still a positive, finite float32 summing to one (2**1029 as a float overflows).
+    from blurpool_algo.surgery import validate_options
+
+    largest = filters.MAX_FILTER_SIZE
+    assert largest == 32
+    assert validate_filter_size(largest) == largest
+    taps = binomial_taps(largest)
+    expected = torch.tensor([math.comb(largest - 1, i) / 2 ** (largest - 1) for i in range(largest)])
+    assert bool((taps > 0).all()) and bool(torch.isfinite(taps).all())
+    torch.testing.assert_close(taps, expected, rtol=1e-7, atol=0)
+    assert abs(binomial_filter_2d(largest).double().sum().item() - 1.0) < 1e-6
+    for bad in (largest + 1, 1030, 10**6):
+        for fn in (validate_filter_size, binomial_taps, binomial_filter_2d, blur_padding):
+            with pytest.raises(ValueError, match=rf"filter_size must be an int >= 1 and <= {largest}.*got {bad}"):
+                fn(bad)
+        with pytest.raises(ValueError, match=rf"filter_size.*<= {largest}"):
+            validate_options(filter_size=bad)
 
 
 def test_pad_modes_are_the_conv_padding_modes():

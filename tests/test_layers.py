@@ -1043,6 +1043,60 @@ def test_nested_state_dicts():
         _plain_net().load_state_dict(blurred.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_meta_built_layer_loads_like_a_cpu_built_one(kind):
+    # A layer built on the meta device and materialized with to_empty holds garbage where its filter goes; a state
+    # dict without the filter (the plain layer's) must leave it the filter the layer's options give.
+    reference = make_layer(kind, pad_mode="reflect", filter_size=4)
+    with torch.device("meta"):
+        layer = make_layer(kind, pad_mode="reflect", filter_size=4)
+    assert layer.blur_filter.is_meta
+    layer.to_empty(device="cpu")
+    plain_state = {k: v for k, v in reference.state_dict().items() if k != "blur_filter"}
+    result = layer.load_state_dict(plain_state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    rows = layer.blur_filter.shape[0]
+    assert rows == (1 if "Pool2d" in kind and kind != "BlurPool2d" else reference.blur_filter.shape[0])
+    assert torch.equal(layer.blur_filter.double(), ref_filter_2d(4)[None, None].expand(rows, 1, 4, 4))
+    x = torch.randn(2, IN_CHANNELS, 9, 8)
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_a_state_dict_with_another_filter_is_refused(kind):
+    layer = make_layer(kind, filter_size=3)
+    state = layer.state_dict()
+    expected = ref_filter_2d(3).float()[None, None].expand_as(layer.blur_filter)
+    box = torch.full_like(state["blur_filter"], 1 / 9)  # a low-pass filter too, just not this layer's
+    delta = torch.zeros_like(state["blur_filter"])
+    delta[..., 1, 1] = 1.0  # no blur at all: the layer would alias again
+    for wrong in (box, delta, state["blur_filter"] * 2):
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=r"blur_filter.*binomial filter of size 3"):
+                layer.load_state_dict({**state, "blur_filter": wrong}, strict=strict)
+            assert torch.equal(layer.blur_filter, expected)  # the refused values did not stay behind
+    # Controls: the layer's own state dict loads, and so does one saved in bfloat16, whose taps it then holds exactly
+    # in float32 (filter_size 16: those taps are rounded in bfloat16).
+    layer.load_state_dict(state, strict=True)
+    assert torch.equal(layer.blur_filter, expected)
+    blur = BlurPool2d(2, filter_size=16)
+    blur.load_state_dict(BlurPool2d(2, filter_size=16, dtype=torch.bfloat16).state_dict(), strict=True)
+    taps = torch.tensor([math.comb(15, i) for i in range(16)], dtype=torch.float64) / 2**15
+    assert torch.equal(blur.blur_filter, torch.outer(taps, taps).float().expand(2, 1, 16, 16))
+
+
+def test_assign_load_never_writes_into_the_callers_tensors():
+    source = BlurConv2d.from_conv(nn.Conv2d(2, 3, 3, 2, 1))
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    kept = state["blur_filter"].clone()
+    with torch.device("meta"):
+        layer = BlurConv2d(2, 3, 3, 2, 1)
+    layer.load_state_dict(state, strict=True, assign=True)
+    assert torch.equal(state["blur_filter"], kept)
+    x = torch.randn(1, 2, 8, 8)
+    torch.testing.assert_close(layer(x), source(x), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # TorchScript, torch.fx, torch.compile, ONNX
 # ---------------------------------------------------------------------------------------------------------------------

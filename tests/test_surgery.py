@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import socket
+import warnings
 
 import composer.algorithms.blurpool as composer_blurpool
 import pytest
@@ -18,7 +19,16 @@ import torchvision
 from composer.algorithms.blurpool import blurpool_layers as composer_layers
 from torch import nn
 
-from blurpool_algo import BlurAvgPool2d, BlurConv2d, BlurMaxPool2d, BlurPoolReport, apply_blurpool
+from blurpool_algo import (
+    BlurAvgPool2d,
+    BlurConv2d,
+    BlurInputConv2d,
+    BlurMaxPool2d,
+    BlurPool2d,
+    BlurPoolReport,
+    apply_blurpool,
+    surgery,
+)
 
 BLUR_TYPES = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d)
 COMPOSER_BLUR_TYPES = (composer_layers.BlurConv2d, composer_layers.BlurMaxPool2d)
@@ -366,6 +376,89 @@ def test_exclude(exclude) -> None:
     assert all("exclude" in reasons[n] for n in layer4)
 
 
+def _changed_names(before: nn.Module, after: nn.Module) -> set[str]:
+    """Names whose module class or stride the surgery changed (the paper's placement also restrides convs)."""
+    old = dict(before.named_modules())
+    return {
+        name
+        for name, module in after.named_modules()
+        if name not in old
+        or type(module) is not type(old[name])
+        or getattr(module, "stride", None) != getattr(old[name], "stride", None)
+    }
+
+
+@pytest.mark.parametrize("placement", ["conv", "after_activation"])
+def test_exclude_a_container_name_excludes_everything_under_it(placement: str) -> None:
+    # A user who writes "layer4" means all of layer4; "layer4.0" one block. The reference: the same surgery without
+    # exclude, minus every change under the excluded container.
+    baseline = make_model("resnet18")
+    everything = copy.deepcopy(baseline)
+    apply_blurpool(everything, placement=placement, min_channels=0)
+    all_changes = _changed_names(baseline, everything)
+    assert any(n.startswith("layer4.") for n in all_changes) and any(n.startswith("layer3.") for n in all_changes)
+    for pattern, container in (("layer4", "layer4"), ("layer4.*", "layer4"), ("layer4.0", "layer4.0"),
+                               ("l*4", "layer4")):  # fmt: skip
+        model = copy.deepcopy(baseline)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a pattern that matches a module must not warn
+            report = apply_blurpool(model, placement=placement, min_channels=0, exclude=[pattern])
+        inside = {n for n in all_changes if n == container or n.startswith(container + ".")}
+        assert inside, pattern
+        assert _changed_names(baseline, model) == all_changes - inside, pattern
+        assert report.unmatched_exclude == (), pattern
+        excluded = [d for d in report.skipped if "exclude" in d.reason]
+        assert excluded and all(d.name.startswith(container + ".") for d in excluded), pattern
+        assert all(repr(pattern) in d.reason for d in excluded), pattern
+
+
+def test_exclude_pattern_that_matches_no_module_warns_with_the_closest_names() -> None:
+    baseline = make_model("resnet18")
+    reference = copy.deepcopy(baseline)
+    expected = apply_blurpool(reference)
+    model = copy.deepcopy(baseline)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = apply_blurpool(model, exclude=["layr4.*", "layer3", "nothing_here"])
+    messages = [str(w.message) for w in caught if "matches no module name" in str(w.message)]
+    assert all(issubclass(w.category, UserWarning) and w.filename == __file__ for w in caught)  # points at the call
+    assert len(messages) == len(caught) == 2  # one per pattern that matches nothing; "layer3" matches
+    typo = next(m for m in messages if "'layr4.*'" in m)
+    assert "'layer4" in typo  # the closest names
+    assert "'nothing_here'" in next(m for m in messages if m is not typo)
+    # The report holds the patterns as data, and the typo excluded nothing: layer4 is blurred as without exclude.
+    assert report.unmatched_exclude == ("layr4.*", "nothing_here")
+    assert "layr4.*" in str(report)
+    blurred = blurred_names(model)
+    assert blurred == {n for n in blurred_names(reference) if not n.startswith("layer3.")}
+    assert any(n.startswith("layer4.") for n in blurred)
+    assert expected.unmatched_exclude == ()
+
+
+def test_unmatched_exclude_patterns_on_a_meta_model() -> None:
+    # What recipe validation calls before any weight exists: a model built on the meta device.
+    with torch.device("meta"):
+        network = torchvision.models.resnet18(num_classes=10)
+        wrapper = nn.ModuleDict({"module": network, "metrics": nn.ModuleDict()})  # a ComposerModel's shape
+    patterns = ["layer4", "layr4.*", "fc", "layer4.1.conv2", "*.downsample.0", "module.layer4.*", "conv9"]
+    unmatched = surgery.unmatched_exclude_patterns(network, patterns)
+    assert [p for p, _ in unmatched] == ["layr4.*", "module.layer4.*", "conv9"]
+    closest = dict(unmatched)
+    assert closest["layr4.*"] and all(isinstance(n, str) for n in closest["layr4.*"])
+    assert all(n.startswith("layer4") for n in closest["layr4.*"])
+    assert "conv1" in closest["conv9"]
+    # Relative to the wrapper itself and to each of its children: names as the network spells them match too.
+    roots = ("", "module", "metrics")
+    assert [p for p, _ in surgery.unmatched_exclude_patterns(wrapper, patterns, roots=roots)] == ["layr4.*", "conv9"]
+    assert [p for p, _ in surgery.unmatched_exclude_patterns(wrapper, patterns)] == [
+        "layer4", "layr4.*", "fc", "layer4.1.conv2", "conv9",
+    ]  # fmt: skip
+    assert surgery.unmatched_exclude_patterns(network, "layer4") == []  # one pattern, as apply_blurpool takes it
+    for bad in (dict(patterns=[""]), dict(patterns=[3]), dict(patterns=["fc"], roots="module")):
+        with pytest.raises(ValueError, match=r"exclude|roots"):
+            surgery.unmatched_exclude_patterns(network, **bad)
+
+
 @pytest.mark.parametrize("pad_mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("filter_size", [2, 4, 5])
 def test_filter_size_and_pad_mode_reach_layers(filter_size: int, pad_mode: str) -> None:
@@ -543,6 +636,91 @@ def test_refuses_compiled_model() -> None:
     with pytest.raises(ValueError, match="compile"):
         apply_blurpool(compiled)
     _assert_untouched(inner)
+
+
+@pytest.mark.parametrize("placement", ["conv", "after_activation"])
+def test_refuses_a_model_holding_composers_blur_layers(placement: str) -> None:
+    # Blurring a model that Composer's surgery already anti-aliased would blur every replaced layer twice.
+    model = make_model("resnet18")
+    composer_blurpool.apply_blurpool(model)
+    theirs = blurred_names(model, COMPOSER_BLUR_TYPES)
+    assert theirs
+    before = structure(model)
+    with pytest.raises(ValueError, match=r"Composer's BlurPool.*maxpool") as info:
+        apply_blurpool(model, placement=placement)
+    assert "\n" not in str(info.value)
+    assert structure(model) == before
+    # The control: a plain model with Composer's other layer kind, BlurPool2d, is refused too.
+    with pytest.raises(ValueError, match=r"Composer's BlurPool.*'1'"):
+        apply_blurpool(nn.Sequential(nn.Conv2d(16, 16, 3, stride=2), composer_layers.BlurPool2d(16)))
+
+
+def test_refuses_scripted_models() -> None:
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    x = make_input(1, 16, 12, 12)
+    expected = plain(x)
+    for scripted in (torch.jit.script(copy.deepcopy(plain)), torch.jit.trace(copy.deepcopy(plain), x)):
+        with pytest.raises(ValueError, match=r"TorchScript.*plain module, then script"):
+            apply_blurpool(scripted)
+        assert torch.equal(scripted(x), expected)
+    # A scripted submodule inside a plain model: the surgery could not reach its layers, so it refuses, naming it.
+    holder = nn.Sequential(torch.jit.script(copy.deepcopy(plain)), nn.Conv2d(16, 16, 3, stride=2))
+    with pytest.raises(ValueError, match=r"TorchScript.*'0'"):
+        apply_blurpool(holder)
+    assert type(holder[1]) is nn.Conv2d
+
+
+# --------------------------------------------------------------------------------------------------- meta device
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"placement": "after_activation", "min_channels": 0, "filter_size": 4, "pad_mode": "reflect"}],
+    ids=["conv", "paper"],
+)
+def test_meta_built_model_loads_a_baseline_into_the_cpu_built_network(options: dict) -> None:
+    # Built on the meta device (no memory, no init), blurred, materialized with to_empty, then given baseline weights:
+    # the filters are nowhere in that state dict, so the load must compute them. Reference: the same architecture
+    # built on CPU, blurred, and given the same weights.
+    baseline = make_model("resnet18")
+    reference = torchvision.models.resnet18()
+    apply_blurpool(reference, **options)
+    reference.load_state_dict(baseline.state_dict(), strict=True)
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    report = apply_blurpool(model, **options)
+    kinds = {d.replacement for d in report.replaced}
+    assert kinds == ({"BlurConv2d", "BlurMaxPool2d"} if not options else
+                     {"BlurConv2d", "BlurInputConv2d", "BlurMaxPool2d", "BlurPool2d"})  # fmt: skip
+    model.to_empty(device="cpu")
+    result = model.load_state_dict(baseline.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, module in model.named_modules():
+        if isinstance(module, (*BLUR_TYPES, BlurInputConv2d, BlurPool2d)):
+            assert torch.equal(module.blur_filter, reference.get_submodule(name).blur_filter), name
+    x = make_input(2, 3, 32, 32)
+    with torch.no_grad():
+        out, expected = model.eval()(x), reference.eval()(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_a_tampered_filter_is_refused() -> None:
+    model = make_model("resnet18")
+    apply_blurpool(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    target = copy.deepcopy(model)
+    target.load_state_dict(state, strict=True)  # the control: the untampered blurred state dict loads
+    for key in ("maxpool.blur_filter", "layer2.0.conv1.blur_filter"):
+        tampered = dict(state)
+        tampered[key] = torch.zeros_like(state[key])
+        tampered[key][..., 1, 1] = 1.0  # an identity "filter": the layer would alias again
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+                target.load_state_dict(tampered, strict=strict)
+            # The refused filter does not stay behind in the model.
+            assert torch.equal(target.get_submodule(key.rsplit(".", 1)[0]).blur_filter, state[key])
 
 
 # -------------------------------------------------------------------------------------------------- bad arguments
