@@ -17,7 +17,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from composer.callbacks import SpeedMonitor
@@ -30,7 +30,7 @@ from composer.utils import create_interval_scheduler, dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from blurpool_algo.metrics import shift_consistency, validate_consistency_options
+from blurpool_algo.metrics import NonFiniteLogitsError, shift_consistency, validate_consistency_options
 
 __all__ = ["ShiftConsistencyMonitor", "ThroughputMonitor", "network_of"]
 
@@ -328,6 +328,12 @@ class ShiftConsistencyMonitor(Callback):
     on every rank (counts are summed across ranks), and logs ``metrics/shift_consistency/<mode>``. The cost is two
     forward passes per image of at most ``num_batches`` batches per rank.
 
+    A diverged model (NaN or infinite logits, :class:`~blurpool_algo.metrics.NonFiniteLogitsError`) does not stop
+    training: that measurement logs ``metrics/shift_consistency/<mode>`` as NaN and ``metrics/shift_consistency/
+    diverged`` as 1.0, sets :attr:`diverged`, and warns once. ``diverged`` then stays True for the monitor's life,
+    even if a later measurement is finite again: weights that once gave non-finite logits are not to be trusted, and
+    a run summary must say so. Any other error of the measurement propagates.
+
     Example:
         .. code-block:: python
 
@@ -346,8 +352,16 @@ class ShiftConsistencyMonitor(Callback):
         offsets: ``'per_image'`` or ``'per_batch'`` (the paper's code).
 
     Attributes:
-        last_value: the most recent consistency in percent (None before the first measurement).
+        last_value: the most recent consistency in percent (None before the first measurement, NaN when that
+            measurement found the model diverged).
+        diverged: whether any measurement found non-finite logits; never reset.
+        diverged_images: at the first diverged measurement, the images whose logits were non-finite (None before).
+        diverged_images_seen: the images measured by then, that batch included (None before).
+        diverged_at_batch: the training batch after which that measurement ran (None before).
     """
+
+    #: The key logged as 1.0 at each measurement that finds the model diverged (the same for every mode).
+    diverged_metric_name: ClassVar[str] = "metrics/shift_consistency/diverged"
 
     def __init__(
         self,
@@ -375,6 +389,10 @@ class ShiftConsistencyMonitor(Callback):
         self.mode, self.max_shift, self.crop_size = mode, max_shift, crop_size
         self.num_batches, self.interval, self.seed, self.offsets = num_batches, interval, seed, offsets
         self.last_value: float | None = None
+        self.diverged = False
+        self.diverged_images: int | None = None
+        self.diverged_images_seen: int | None = None
+        self.diverged_at_batch: int | None = None
 
     @property
     def metric_name(self) -> str:
@@ -391,24 +409,47 @@ class ShiftConsistencyMonitor(Callback):
         return state.evaluators[0].dataloader.dataloader
 
     def measure(self, state: State) -> float:
-        """Measures now, on every rank; returns the consistency in percent."""
-        with get_precision_context(state.precision, state.precision_config):
-            value = shift_consistency(
-                network_of(state.model),
-                self._loader(state),
-                mode=self.mode,
-                max_shift=self.max_shift,
-                crop_size=self.crop_size,
-                seed=self.seed,
-                offsets=self.offsets,
-                num_batches=self.num_batches,
-            )
+        """Measures now, on every rank; returns the consistency in percent, or NaN for a diverged model."""
+        try:
+            with get_precision_context(state.precision, state.precision_config):
+                value = shift_consistency(
+                    network_of(state.model),
+                    self._loader(state),
+                    mode=self.mode,
+                    max_shift=self.max_shift,
+                    crop_size=self.crop_size,
+                    seed=self.seed,
+                    offsets=self.offsets,
+                    num_batches=self.num_batches,
+                )
+        except NonFiniteLogitsError as exc:
+            # Every rank raises it together (the metric agrees across ranks first), so every rank takes this path.
+            self._record_divergence(state, exc)
+            value = math.nan
         self.last_value = value
         return value
 
+    def _record_divergence(self, state: State, exc: NonFiniteLogitsError) -> None:
+        if self.diverged:
+            return  # keep the first divergence's numbers, and warn once
+        self.diverged = True
+        self.diverged_images, self.diverged_images_seen = exc.nonfinite_images, exc.images_seen
+        self.diverged_at_batch = int(state.timestamp.batch)
+        warnings.warn(
+            f"run {state.run_name!r} diverged: after batch {self.diverged_at_batch}, {exc.nonfinite_images} of "
+            f"{exc.images_seen} images got NaN or infinite logits; {self.metric_name} is logged as NaN and "
+            f"{self.diverged_metric_name} as 1.0",
+            UserWarning,
+            stacklevel=2,
+        )
+
     def _maybe_measure(self, state: State, event: Event, logger: Logger) -> None:
         if self._should_measure(state, event):
-            logger.log_metrics({self.metric_name: self.measure(state)})
+            value = self.measure(state)
+            metrics = {self.metric_name: value}
+            if math.isnan(value):  # only a diverged model gives NaN: a finite count of images never does
+                metrics[self.diverged_metric_name] = 1.0
+            logger.log_metrics(metrics)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         self._maybe_measure(state, Event.BATCH_END, logger)

@@ -15,6 +15,9 @@ Offsets are drawn from a generator seeded with ``seed`` and indexed by each samp
 same seed gives the same number on 1 or N ranks and whatever the batch size. Counts live in torchmetrics states that
 are summed across ranks. This module imports no Composer code: it works on any ``nn.Module`` that maps images to
 logits.
+
+A model whose logits hold a NaN or an inf has diverged (or its weights are corrupt): all its NaN predictions share one
+argmax, so every pair would "agree". Such logits raise :class:`NonFiniteLogitsError` instead of giving a number.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "OFFSET_DRAWS",
     "DiagonalStability",
     "DiagonalStabilityMetric",
+    "NonFiniteLogitsError",
     "ShiftConsistencyMetric",
     "diagonal_stability",
     "plot_diagonal_stability",
@@ -87,6 +91,77 @@ def validate_consistency_options(
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
 
+# ----------------------------------------------------------------------------------------------- diverged models
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model gave NaN or infinite logits: it has diverged (or its weights are corrupt), so nothing is measured.
+
+    Raised at the first batch with such logits; nothing after it is measured. In a distributed job every rank raises
+    it, with the counts summed over ranks.
+
+    Attributes:
+        nonfinite_images: images with a NaN or an inf in their logits, in the batch where they were first seen.
+        images_seen: images measured up to and including that batch.
+        measure: what was being measured (``'shift consistency'`` or ``'diagonal stability'``).
+    """
+
+    def __init__(self, nonfinite_images: int, images_seen: int, measure: str = "shift consistency") -> None:
+        self.nonfinite_images = nonfinite_images
+        self.images_seen = images_seen
+        self.measure = measure
+        super().__init__(
+            f"{nonfinite_images} of {images_seen} images got NaN or infinite logits: the model has diverged (or its "
+            f"weights are corrupt), and its {measure} has no meaning"
+        )
+
+    def __reduce__(self):
+        # The default would call __init__ with the message alone; keep the counts through pickling (worker processes).
+        return type(self), (self.nonfinite_images, self.images_seen, self.measure)
+
+
+def _nonfinite_rows(*logits: Tensor) -> int:
+    """How many images (rows) hold a NaN or an inf in any of ``logits``; one device sync."""
+    finite = torch.isfinite(logits[0]).all(dim=1)
+    for more in logits[1:]:
+        finite &= torch.isfinite(more).all(dim=1)
+    return int((~finite).sum())
+
+
+def _check_weight(weight: Tensor | None, logits: Tensor) -> None:
+    # A weight of another length would broadcast against the per-image comparison and count images that do not exist.
+    if weight is not None and tuple(weight.shape) != (len(logits),):
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} for logits of shape {tuple(logits.shape)}: expected one 0/1 "
+            f"per image"
+        )
+
+
+def _distributed_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _raise_if_any_rank_diverged(
+    failure: NonFiniteLogitsError | None, images_seen: int, measure: str, device: torch.device
+) -> None:
+    """Raises on every rank when any rank saw non-finite logits.
+
+    A rank that raised alone would leave the others waiting forever in the metric's sync, so in a distributed job the
+    ranks first agree (one all-reduce of two numbers). Weights are the same on every rank, so a diverged model is
+    caught on all of them; a single overflowing image is caught on one.
+    """
+    if _distributed_world_size() > 1:
+        bad = failure.nonfinite_images if failure is not None else 0
+        counts = torch.tensor([bad, images_seen], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(counts)
+        if int(counts[0]) > 0:
+            raise NonFiniteLogitsError(int(counts[0]), int(counts[1]), measure)
+    elif failure is not None:
+        raise failure
+
+
 # ---------------------------------------------------------------------------------------------------------- metrics
 
 
@@ -94,7 +169,9 @@ class ShiftConsistencyMetric(Metric):
     """Percentage of prediction pairs whose top-1 classes agree; counts are summed across ranks.
 
     ``update(logits_a, logits_b, weight=None)`` takes the logits of the same images under two shifts; ``weight`` (0/1
-    per image) leaves out samples a distributed sampler repeated to even out its shards.
+    per image) leaves out samples a distributed sampler repeated to even out its shards. Logits with a NaN or an inf
+    raise :class:`NonFiniteLogitsError`, and a ``weight`` of another length ``ValueError``; a refused update leaves
+    the counts as they were.
     """
 
     is_differentiable = False
@@ -115,6 +192,10 @@ class ShiftConsistencyMetric(Metric):
                 f"expected two (batch, classes) logit tensors of one shape, got {tuple(logits_a.shape)} and "
                 f"{tuple(logits_b.shape)}"
             )
+        _check_weight(weight, logits_a)
+        nonfinite = _nonfinite_rows(logits_a, logits_b)
+        if nonfinite:
+            raise NonFiniteLogitsError(nonfinite, int(self.total) + len(logits_a), "shift consistency")
         same = logits_a.argmax(dim=1) == logits_b.argmax(dim=1)
         keep = torch.ones_like(same) if weight is None else weight.to(device=same.device, dtype=torch.bool)
         self.agree += (same & keep).sum()
@@ -129,7 +210,9 @@ class ShiftConsistencyMetric(Metric):
 class DiagonalStabilityMetric(Metric):
     """Per-offset accuracy and mean true-class probability, summed across ranks.
 
-    ``update(offset_index, logits, target, weight=None)`` adds one batch seen at one offset.
+    ``update(offset_index, logits, target, weight=None)`` adds one batch seen at one offset. Logits with a NaN or an
+    inf raise :class:`NonFiniteLogitsError`, and logits, targets or weights of different lengths ``ValueError``; a
+    refused update leaves the counts as they were.
 
     Args:
         num_offsets: how many offsets the curve has.
@@ -152,6 +235,15 @@ class DiagonalStabilityMetric(Metric):
         self.add_state("count", default=torch.zeros(num_offsets, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, offset_index: int, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
+        if logits.ndim != 2 or tuple(target.shape) != (len(logits),):
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} for targets of shape {tuple(target.shape)}: expected "
+                f"(batch, classes) logits and (batch,) targets"
+            )
+        _check_weight(weight, logits)
+        nonfinite = _nonfinite_rows(logits)
+        if nonfinite:
+            raise NonFiniteLogitsError(nonfinite, int(self.count[offset_index]) + len(logits), "diagonal stability")
         target = target.to(logits.device).long()
         keep = (
             torch.ones(len(target), dtype=torch.bool, device=logits.device)
@@ -360,6 +452,12 @@ def _logits(model: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
             "the model must map (N, C, H, W) images to (N, classes) logits, got "
             f"{type(output).__name__}{'' if not isinstance(output, Tensor) else tuple(output.shape)}"
         )
+    if len(output) != len(images):
+        # (1, C) logits for N images would broadcast in the comparison and count N agreements.
+        raise ValueError(
+            f"the model returned logits of shape {tuple(output.shape)} for images of shape {tuple(images.shape)}: "
+            f"expected one row of logits per image"
+        )
     return output
 
 
@@ -436,7 +534,9 @@ def shift_consistency(
         The consistency in percent.
 
     Raises:
-        ValueError: a bad option, or images too small for ``crop_size + max_shift``.
+        NonFiniteLogitsError: logits with a NaN or an inf (a diverged model), at the first batch that has them.
+        ValueError: a bad option, images too small for ``crop_size + max_shift``, or logits whose batch size is not
+            the images'.
     """
     validate_consistency_options(
         mode=mode, max_shift=max_shift, crop_size=crop_size, offsets=offsets, num_batches=num_batches, seed=seed
@@ -445,6 +545,7 @@ def shift_consistency(
     low, high = (0, max_shift) if mode == "crop" else (-max_shift, max_shift)
     draw = _Offsets(low, high, seed, per_batch=offsets == "per_batch")
     metric = _metric_on(ShiftConsistencyMetric(), device)
+    images_seen, failure = 0, None
     with _EvalMode(model):
         for batch in _batches(dataloader, num_batches):
             images = batch.images.to(device=device, dtype=dtype, non_blocking=True)
@@ -459,7 +560,13 @@ def shift_consistency(
                 if crop_size is not None:
                     images = _center_crop(images, crop_size)
                 first, second = shifted_rolls(images, pair[:, :2]), shifted_rolls(images, pair[:, 2:])
-            metric.update(_logits(model, first), _logits(model, second), batch.keep)
+            images_seen += len(images)
+            try:
+                metric.update(_logits(model, first), _logits(model, second), batch.keep)
+            except NonFiniteLogitsError as exc:
+                failure = NonFiniteLogitsError(exc.nonfinite_images, images_seen, "shift consistency")
+                break  # a diverged model: measuring more would only cost time
+    _raise_if_any_rank_diverged(failure, images_seen, "shift consistency", device)
     return float(metric.compute())
 
 
@@ -514,6 +621,10 @@ def diagonal_stability(
         step: offset stride (``max_shift`` itself is always included).
         num_batches: stop after this many batches.
         device: where to run; defaults to the model's device.
+
+    Raises:
+        NonFiniteLogitsError: logits with a NaN or an inf (a diverged model), at the first forward pass that has them.
+        ValueError: a bad option, or logits whose batch size is not the images'.
     """
     _positive_int("max_shift", max_shift)
     _positive_int("crop_size", crop_size, allow_none=True)
@@ -522,6 +633,7 @@ def diagonal_stability(
     shifts = sorted({*range(0, max_shift + 1, step), max_shift})
     device, dtype = _model_device_dtype(model, device)
     metric = _metric_on(DiagonalStabilityMetric(len(shifts)), device)
+    images_seen, failure = 0, None
     with _EvalMode(model):
         for batch in _batches(dataloader, num_batches):
             if batch.targets is None:
@@ -531,9 +643,15 @@ def diagonal_stability(
             if side < 1:
                 raise ValueError(f"images of {tuple(images.shape[-2:])} px leave no crop for max_shift={max_shift}")
             images = _center_crop(images, side + max_shift)
-            for index, shift in enumerate(shifts):
-                crop = images[..., shift : shift + side, shift : shift + side]
-                metric.update(index, _logits(model, crop), batch.targets, batch.keep)
+            images_seen += len(images)
+            try:
+                for index, shift in enumerate(shifts):
+                    crop = images[..., shift : shift + side, shift : shift + side]
+                    metric.update(index, _logits(model, crop), batch.targets, batch.keep)
+            except NonFiniteLogitsError as exc:
+                failure = NonFiniteLogitsError(exc.nonfinite_images, images_seen, "diagonal stability")
+                break  # a diverged model: measuring more would only cost time
+    _raise_if_any_rank_diverged(failure, images_seen, "diagonal stability", device)
     accuracy, probability, num_images = metric.compute()
     return DiagonalStability(
         offsets=shifts,

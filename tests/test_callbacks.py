@@ -530,3 +530,104 @@ def test_shift_monitor_without_any_loader_says_what_to_give():
 def test_shift_monitor_rejects_bad_options_at_construction(options, message):
     with pytest.raises(ValueError, match=message):
         ShiftConsistencyMonitor(**options)
+
+
+# ---------------------------------------------------------------------------------- ShiftConsistencyMonitor: divergence
+
+
+def _diverging_trainer(network: nn.Module, monitor: ShiftConsistencyMonitor, *, lr: float, batches: int) -> Trainer:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 16, 16, generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (16,), generator=generator)
+    model = ComposerClassifier(network, num_classes=NUM_CLASSES)
+    return Trainer(
+        model=model,
+        train_dataloader=DataLoader(TensorDataset(images, labels), batch_size=8),
+        optimizers=torch.optim.SGD(model.parameters(), lr=lr),
+        max_duration=f"{batches}ba",
+        callbacks=[monitor],
+        loggers=[InMemoryLogger()],
+        progress_bar=False,
+        device="cpu",
+    )
+
+
+def _monitor_loader() -> DataLoader:
+    images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return DataLoader(TensorDataset(images, torch.zeros(16, dtype=torch.long)), batch_size=8)
+
+
+def test_a_run_whose_weights_go_nan_logs_nan_and_diverged_and_finishes():
+    torch.manual_seed(0)
+    network = _net()
+    monitor = ShiftConsistencyMonitor(_monitor_loader(), max_shift=4, crop_size=12, interval="1ba")
+    trainer = _diverging_trainer(network, monitor, lr=1e30, batches=2)
+    with pytest.warns(UserWarning, match="diverged") as caught:
+        trainer.fit()  # no crash
+    # The training really diverged: the second loss is NaN and so are the weights the monitor measured last.
+    losses = [value for _, value in _logged(trainer, "loss/train/total")]
+    assert len(losses) == 2 and math.isfinite(losses[0]) and math.isnan(losses[1])
+    assert all(bool(p.isnan().all()) for p in network.parameters())
+
+    consistency = _logged(trainer, "metrics/shift_consistency/crop")
+    assert [batch for batch, _ in consistency] == [1, 2] and all(math.isnan(value) for _, value in consistency)
+    assert _logged(trainer, "metrics/shift_consistency/diverged") == [(1, 1.0), (2, 1.0)]
+    assert monitor.diverged and math.isnan(monitor.last_value)
+    # The first diverged measurement stopped at the loader's first batch, every image of it non-finite.
+    assert (monitor.diverged_images, monitor.diverged_images_seen, monitor.diverged_at_batch) == (8, 8, 1)
+    # Warned once, naming the run, although two measurements diverged.
+    messages = [str(w.message) for w in caught if "diverged" in str(w.message)]
+    assert len(messages) == 1 and trainer.state.run_name in messages[0]
+
+
+class _NaNWhenPoisoned(nn.Module):
+    """The tiny net; in eval mode (the monitor's forward passes) its logits are NaN while ``poisoned``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+        self.poisoned = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        return logits * float("nan") if self.poisoned and not self.training else logits
+
+
+class _PoisonAtBatch(Callback):
+    def __init__(self, network: _NaNWhenPoisoned, batch: int) -> None:
+        self.network, self.batch = network, batch
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self.network.poisoned = int(state.timestamp.batch) + 1 == self.batch
+
+
+def test_a_later_finite_measurement_does_not_erase_the_divergence():
+    torch.manual_seed(0)
+    network = _NaNWhenPoisoned()
+    monitor = ShiftConsistencyMonitor(_monitor_loader(), max_shift=4, crop_size=12, interval="1ba")
+    trainer = _diverging_trainer(network, monitor, lr=0.01, batches=3)
+    trainer.state.callbacks.insert(0, _PoisonAtBatch(network, batch=2))
+    with pytest.warns(UserWarning, match="diverged"):
+        trainer.fit()
+    values = [value for _, value in _logged(trainer, "metrics/shift_consistency/crop")]
+    assert math.isfinite(values[0]) and math.isnan(values[1]) and math.isfinite(values[2])
+    assert _logged(trainer, "metrics/shift_consistency/diverged") == [(2, 1.0)]
+    # last_value is the latest measurement; diverged, and when, stay for the monitor's life.
+    assert monitor.last_value == values[2] and monitor.diverged and monitor.diverged_at_batch == 2
+
+
+def test_other_measurement_errors_still_stop_training():
+    class OneRowInEval(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.net(x)
+            return logits if self.training else logits[:1]
+
+    monitor = ShiftConsistencyMonitor(_monitor_loader(), max_shift=4, crop_size=12, interval="1ba")
+    trainer = _diverging_trainer(OneRowInEval(), monitor, lr=0.01, batches=1)
+    with pytest.raises(ValueError, match="one row of logits per image"):
+        trainer.fit()
+    assert not monitor.diverged

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import time
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Te
 from blurpool_algo import apply_blurpool
 from blurpool_algo.metrics import (
     DiagonalStability,
+    DiagonalStabilityMetric,
+    NonFiniteLogitsError,
     ShiftConsistencyMetric,
     diagonal_stability,
     plot_diagonal_stability,
@@ -307,13 +311,22 @@ def _rank_worker(rank: int, world_size: int, port: int, results) -> None:
         crop = shift_consistency(model, loader, max_shift=8, seed=1)
         circular = shift_consistency(model, loader, mode="circular", max_shift=8, seed=1)
         curve = diagonal_stability(model, loader, max_shift=8, step=2)
-        results[rank] = (crop, circular, curve)
+        # One image of rank 1's second batch overflows: both ranks must raise, with the counts of both, not hang.
+        diverged = []
+        # Forward call 2 is batch 1's first view; diagonal_stability makes 9 calls (offsets 0..8) per batch.
+        for measure, call in ((shift_consistency, 2), (diagonal_stability, 9 + 2)):
+            poisoned = NonFinite(model, float("inf"), rows=[2], calls={call} if rank == 1 else set())
+            try:
+                measure(poisoned, loader, max_shift=8)
+            except NonFiniteLogitsError as exc:
+                diverged.append((exc.nonfinite_images, exc.images_seen))
+        results[rank] = (crop, circular, curve, diverged)
     finally:
         torch_dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_one_rank_result():
+def test_two_ranks_give_the_one_rank_result_and_agree_on_divergence():
     images, labels = smooth_images(37, 40)
     model = _random_cnn(images)
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
@@ -321,9 +334,20 @@ def test_two_ranks_give_the_one_rank_result():
     circular = shift_consistency(model, loader, mode="circular", max_shift=8, seed=1)
     curve = diagonal_stability(model, loader, max_shift=8, step=2)
     results = mp.Manager().dict()
-    mp.start_processes(_rank_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="fork")
+    context = mp.start_processes(
+        _rank_worker, args=(2, _free_port(), results), nprocs=2, join=False, start_method="fork"
+    )
+    # A rank left waiting in a collective would hang the test: give up after a minute instead.
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish within 60 s: one is waiting in a collective")
     for rank in (0, 1):
-        rank_crop, rank_circular, rank_curve = results[rank]
+        rank_crop, rank_circular, rank_curve, rank_diverged = results[rank]
+        # Rank 1 stopped after its second batch (16 images), rank 0 measured all its 19.
+        assert rank_diverged == [(1, 16 + 19), (1, 16 + 19)]
         assert (rank_crop, rank_circular) == (crop, circular)
         assert rank_curve.num_images == curve.num_images == 37
         assert rank_curve.accuracy == pytest.approx(curve.accuracy, abs=1e-9)
@@ -456,3 +480,121 @@ def test_plot_writes_a_png_and_no_temporary_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stability.png"]
     with pytest.raises(ValueError, match="at least one"):
         plot_diagonal_stability({}, tmp_path / "empty.png")
+
+
+# ----------------------------------------------------------------------------------- diverged models cannot flatter
+
+
+class NonFinite(nn.Module):
+    """Wraps a model and overwrites the logits of chosen images (by position in the call's batch) with a value.
+
+    ``rows=None`` poisons every image; ``calls`` limits the poisoning to those forward calls (0-based), None to all.
+    """
+
+    def __init__(self, model: nn.Module, value: float, rows: list[int] | None = None, calls: set[int] | None = None):
+        super().__init__()
+        self.model, self.value, self.rows, self.calls = model, value, rows, calls
+        self.num_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        if self.calls is None or self.num_calls in self.calls:
+            logits = logits.clone()
+            logits[slice(None) if self.rows is None else self.rows] = self.value
+        self.num_calls += 1
+        return logits
+
+
+class OneRowOfLogits(nn.Module):
+    """Returns one row of logits for the whole batch: ``==`` against N predictions would broadcast to N agreements."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:1]
+
+
+def _diverging_setup() -> tuple[nn.Module, DataLoader]:
+    images, labels = smooth_images(24, 24)
+    return _random_cnn(images), DataLoader(TensorDataset(images, labels), batch_size=8)
+
+
+def _consistency(model: nn.Module, loader: DataLoader, mode: str) -> float:
+    return shift_consistency(model, loader, mode=mode, max_shift=4, crop_size=20 if mode == "crop" else None)
+
+
+@pytest.mark.parametrize("mode", ["crop", "circular"])
+def test_nan_logits_raise_at_the_first_batch_instead_of_scoring_100(mode):
+    model, loader = _diverging_setup()
+    assert _consistency(model, loader, mode) < 100.0  # control: the finite model gets a real number
+    diverged = NonFinite(model, float("nan"))
+    with pytest.raises(NonFiniteLogitsError, match="has diverged") as caught:
+        _consistency(diverged, loader, mode)
+    assert (caught.value.nonfinite_images, caught.value.images_seen) == (8, 8)
+    assert diverged.num_calls == 2  # the first batch's two views, nothing measured after it
+    assert isinstance(caught.value, ValueError) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["crop", "circular"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_one_image_with_non_finite_logits_in_one_view_is_enough(mode, value):
+    model, loader = _diverging_setup()
+    # Image 3 of the second batch, in its second view only (forward call 3: batch 1, view b).
+    poisoned = NonFinite(model, value, rows=[3], calls={3})
+    with pytest.raises(NonFiniteLogitsError) as caught:
+        _consistency(poisoned, loader, mode)
+    assert (caught.value.nonfinite_images, caught.value.images_seen) == (1, 16)
+    assert "1 of 16 images" in str(caught.value) and "shift consistency" in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["crop", "circular"])
+def test_one_row_of_logits_for_a_batch_is_an_error_naming_both_shapes(mode):
+    model, loader = _diverging_setup()
+    assert _consistency(model, loader, mode) < 100.0  # control: the real logits disagree somewhere
+    side = 20 if mode == "crop" else 24
+    with pytest.raises(ValueError, match=rf"logits of shape \(1, 10\) for images of shape \(8, 3, {side}, {side}\)"):
+        _consistency(OneRowOfLogits(model), loader, mode)
+
+
+def test_diagonal_stability_refuses_non_finite_logits_and_one_row_of_logits():
+    model, loader = _diverging_setup()
+    assert diagonal_stability(model, loader, max_shift=4).num_images == 24  # control
+    # Image 5 of the third batch at offset 2 only (3 offsets per batch at step 2: calls 6, 7, 8 are batch 2).
+    poisoned = NonFinite(model, float("inf"), rows=[5], calls={7})
+    with pytest.raises(NonFiniteLogitsError, match="diagonal stability has no meaning") as caught:
+        diagonal_stability(poisoned, loader, max_shift=4, step=2)
+    assert (caught.value.nonfinite_images, caught.value.images_seen) == (1, 24)
+    assert poisoned.num_calls == 8  # stopped at the first non-finite pass
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 10\) for images of shape \(8, 3, 20, 20\)"):
+        diagonal_stability(OneRowOfLogits(model), loader, max_shift=4)
+
+
+def test_the_metric_classes_refuse_non_finite_logits_and_mismatched_batches():
+    finite, nan = torch.randn(4, 3), torch.full((4, 3), float("nan"))
+    shift = ShiftConsistencyMetric()
+    shift.update(finite, finite)
+    with pytest.raises(NonFiniteLogitsError) as caught:
+        shift.update(finite, nan)
+    assert (caught.value.nonfinite_images, caught.value.images_seen) == (4, 8)
+    with pytest.raises(ValueError, match=r"weight of shape \(2,\) for logits of shape \(4, 3\)"):
+        shift.update(finite, finite, torch.ones(2))
+    assert float(shift.compute()) == 100.0 and int(shift.total) == 4  # the refused updates left no trace
+
+    stability = DiagonalStabilityMetric(2)
+    target = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(NonFiniteLogitsError, match="1 of 4 images"):
+        stability.update(0, torch.cat([finite[:3], torch.full((1, 3), float("inf"))]), target)
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 3\) for targets of shape \(4,\)"):
+        stability.update(0, finite[:1], target)
+    with pytest.raises(ValueError, match=r"weight of shape \(3,\) for logits of shape \(4, 3\)"):
+        stability.update(0, finite, target, torch.ones(3))
+    assert int(stability.count.sum()) == 0
+
+
+def test_the_error_keeps_its_counts_through_pickling():
+    error = NonFiniteLogitsError(3, 40, "diagonal stability")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.nonfinite_images, copy.images_seen, copy.measure) == (3, 40, "diagonal stability")
+    assert str(copy) == str(error)
