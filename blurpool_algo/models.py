@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import functools
 import os
-import pickle
 from collections.abc import Callable, Mapping
 
 import torch
@@ -23,6 +22,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from blurpool_algo.checkpoints import CheckpointError, load_checkpoint_file
 from blurpool_algo.layers import FILTER_BUFFER
 from blurpool_algo.surgery import apply_blurpool
 
@@ -98,6 +98,7 @@ def unknown_model_message(name: str) -> str:
 # ------------------------------------------------------------------------------------ the paper's anti-aliased models
 
 Weights = str | os.PathLike | Mapping[str, torch.Tensor]
+_WEIGHTS_OPT_IN = "if you trust the file, pass torch.load(path, weights_only=False) as weights instead of the path"
 
 
 def _state_dict_from(weights: Weights) -> Mapping[str, torch.Tensor]:
@@ -106,15 +107,11 @@ def _state_dict_from(weights: Weights) -> Mapping[str, torch.Tensor]:
     elif isinstance(weights, str | os.PathLike):
         if not os.path.isfile(weights):
             raise ValueError(f"weights: {os.fspath(weights)!r} is not a file (a path to a state dict, or the dict)")
+        # The checkpoint gate: torch's safe unpickler with the allowlist a full Composer checkpoint needs.
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # A full Composer checkpoint also pickles RNG states (numpy arrays), which a weights-only load refuses.
-            raise ValueError(
-                f"weights: {os.fspath(weights)!r} holds more than tensors (a full Composer checkpoint, say), which a "
-                "safe weights-only load refuses; if you trust the file, pass torch.load(path, weights_only=False) "
-                "instead of the path"
-            ) from None
+            state = load_checkpoint_file(weights, opt_in=_WEIGHTS_OPT_IN)
+        except CheckpointError as error:
+            raise ValueError(f"weights: {error}") from None
     else:
         raise ValueError(f"weights must be a file path or a state dict, got {type(weights).__name__}")
     if isinstance(state, Mapping) and isinstance(state.get("state"), Mapping) and "model" in state["state"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 from unittest import mock
 
 import pytest
@@ -531,18 +532,32 @@ def test_load_weights_from_a_missing_path_fails(tmp_path) -> None:
     assert str(path) in str(error.value)
 
 
-def test_load_weights_from_a_full_composer_checkpoint_file_says_how(tmp_path) -> None:
-    # A real Composer checkpoint also pickles numpy RNG states, which the safe weights-only load refuses: the error
-    # says so and how to load a trusted file, instead of an UnpicklingError from deep inside torch.
+class _RunsCommand:
+    """Unpickling it runs a shell command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_load_weights_from_a_file_goes_through_the_checkpoint_gate(tmp_path) -> None:
+    # A real Composer checkpoint also pickles numpy RNG states: the gate's allowlist takes them, nothing else.
     import numpy as np
 
     path = tmp_path / "ep1.pt"
     state_dict = torchvision.models.resnet18().state_dict()
     torch.save({"state": {"model": state_dict}, "rng": [{"numpy": np.random.get_state()}]}, path)
-    with pytest.raises(ValueError, match=r"weights_only=False"):
-        models.load_weights(fresh_meta_model("resnet18"), path)
-    checkpoint = torch.load(path, weights_only=False)
-    models.load_weights(fresh_meta_model("resnet18"), checkpoint)  # the dict itself loads
+    models.load_weights(fresh_meta_model("resnet18"), path)
+    marker = tmp_path / "ran"
+    torch.save({"state": {"model": state_dict}, "extra": _RunsCommand(f"touch {marker}")}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"posix\.system.*weights_only=False"):
+        models.load_weights(fresh_meta_model("resnet18"), tmp_path / "evil.pt")
+    assert not marker.exists()
+    checkpoint = torch.load(tmp_path / "evil.pt", weights_only=False)  # the user's own opt-in: the payload runs
+    assert marker.exists()
+    models.load_weights(fresh_meta_model("resnet18"), checkpoint)  # and the dict itself loads
 
 
 @pytest.mark.parametrize(
