@@ -10,7 +10,7 @@ from blurpool_algo.algorithm import BlurPool
 from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor
 from blurpool_algo.filters import binomial_filter_2d, binomial_taps
 from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, blur_pool2d
-from blurpool_algo.metrics import DiagonalStability, diagonal_stability, shift_consistency
+from blurpool_algo.metrics import DiagonalStability, NonFiniteLogitsError, diagonal_stability, shift_consistency
 from blurpool_algo.surgery import BlurPoolReport, apply_blurpool
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "BlurPool2d",
     "BlurPoolReport",
     "DiagonalStability",
+    "NonFiniteLogitsError",
     "ShiftConsistencyMonitor",
     "ThroughputMonitor",
     "apply_blurpool",

@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import tempfile
@@ -35,11 +36,12 @@ from composer.utils import dist, reproducibility
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from blurpool_algo import data
+from blurpool_algo import checkpoints, data
 from blurpool_algo.algorithm import BlurPool
 from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor, network_of
 from blurpool_algo.metrics import DiagonalStability, diagonal_stability, plot_diagonal_stability, shift_consistency
 from blurpool_algo.models import build_model, model_names, unknown_model_message
+from blurpool_algo.surgery import child_name_roots, unmatched_exclude_patterns
 
 __all__ = [
     "Evaluation",
@@ -62,6 +64,15 @@ class RecipeError(ValueError):
 
     def with_source(self, source: str) -> RecipeError:
         return self if self.source else RecipeError(self.key, self.message, source)
+
+    def located(self, path: str | os.PathLike[str], overrides: Sequence[str]) -> RecipeError:
+        """This error naming ``command line`` if an override set its key (or a key above or below it), else the file."""
+        overridden = [item.split("=", 1)[0] for item in overrides]
+        from_command_line = any(
+            self.key == key or self.key.startswith((key + ".", key + "[")) or key.startswith(self.key + ".")
+            for key in overridden
+        )
+        return self.with_source("command line" if from_command_line else os.fspath(path))
 
 
 # ----------------------------------------------------------------------------------------------------------- schema
@@ -86,6 +97,8 @@ class DataConfig:
     image_size: int | None = None
     #: Samples in the synthetic training set.
     synthetic_samples: int = 64
+    #: imagenet: unreadable images (truncated, not an image) skipped with a warning before the run stops; 0 = none.
+    max_bad_images: int = data.DEFAULT_MAX_BAD_IMAGES
 
 
 @dataclass
@@ -139,6 +152,8 @@ class Recipe:
     save_overwrite: bool = False
     load_path: str | None = None
     autoresume: bool = False
+    #: Unpickle checkpoints without the safe loader's allowlist: only for files you trust (``--trust-checkpoint``).
+    trust_checkpoint: bool = False
     progress_bar: bool = True
 
 
@@ -187,7 +202,18 @@ def _first_line(exc: BaseException) -> str:
     return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
 
 
+#: The recipe's sections that map names to options (or hold sub-keys): a list or a scalar there is a recipe error.
+_SECTIONS: tuple[str, ...] = ("model", "data", "optimizer", "scheduler", "algorithms", "callbacks", "loggers")
+
+
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    for section in _SECTIONS:
+        value = layer.get(section) if isinstance(layer, DictConfig) else None
+        if value is not None and not isinstance(value, DictConfig):
+            raise RecipeError(
+                section, f"must be a mapping of names to options (e.g. {section}: {{name: {{...}}}}), got {value!r}",
+                source,
+            )  # fmt: skip
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
@@ -226,12 +252,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     try:
         validate_recipe(recipe)
     except RecipeError as exc:
-        overridden = [item.split("=", 1)[0] for item in overrides]
-        from_command_line = any(
-            exc.key == key or exc.key.startswith((key + ".", key + "[")) or key.startswith(exc.key + ".")
-            for key in overridden
-        )
-        raise exc.with_source("command line" if from_command_line else source) from None
+        raise exc.located(source, overrides) from None
     return recipe
 
 
@@ -243,13 +264,36 @@ def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
         raise RecipeError(key, f"{value!r} is not one of {', '.join(allowed)}")
 
 
-def _check_time(key: str, value: str) -> None:
-    try:
-        Time.from_timestring(value)
-    except (ValueError, TypeError):  # TypeError: a fractional count of epochs or batches ('1.5ep')
+#: Where each time key may point: its allowed units, and whether zero is allowed (a warmup of 0ba is none).
+_TIME_KEYS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "max_duration": (("ep", "ba", "sp"), False),
+    "eval_interval": (("ep", "ba", "dur"), False),
+    "save_interval": (("ep", "ba", "dur"), False),
+    "scheduler.warmup": (("ep", "ba", "dur"), True),
+    "scheduler.milestones": (("ep", "ba", "dur"), True),
+}
+
+
+_TIME_EXAMPLES = {"ep": "90ep", "ba": "500ba", "sp": "1000sp", "dur": "0.5dur"}
+
+
+def _check_time(key: str, value: str, units: Sequence[str], zero_allowed: bool) -> Time:
+    """Returns ``value`` as a Composer Time if it is a whole count in one of ``units`` (a fraction for ``dur``)."""
+    time = None
+    if isinstance(value, str) and value.strip().endswith(tuple(units)):
+        try:
+            time = Time.from_timestring(value)
+        except (ValueError, TypeError):  # TypeError: a fractional count of epochs or batches ('1.5ep')
+            time = None
+    if time is None:
+        examples = ", ".join(_TIME_EXAMPLES[unit] for unit in units)
         raise RecipeError(
-            key, f"{value!r} is not a Composer time string (whole '90ep', '100ba', or a fraction '0.5dur')"
-        ) from None
+            key, f"{value!r} is not a time this key takes; write a count with one of the units: {examples}"
+        )
+    if (time.value < 0 if zero_allowed else time.value <= 0) or (time.unit.value == "dur" and time.value > 1):
+        bound = ">= 0" if zero_allowed else "> 0"
+        raise RecipeError(key, f"{value!r} must be {bound}{' and at most 1dur' if time.unit.value == 'dur' else ''}")
+    return time
 
 
 def _options(key: str, value: Any) -> dict[str, Any]:
@@ -295,13 +339,27 @@ def validate_recipe(recipe: Recipe) -> None:
                 key, f"global batch size {getattr(recipe, key)} is not divisible by the world size {world_size}"
             )
     for key in ("max_duration", "eval_interval", "save_interval", "scheduler.warmup"):
-        _check_time(key, OmegaConf.select(OmegaConf.structured(recipe), key))
+        _check_time(key, OmegaConf.select(OmegaConf.structured(recipe), key), *_TIME_KEYS[key])
     for index, milestone in enumerate(recipe.scheduler.milestones):
-        _check_time(f"scheduler.milestones[{index}]", milestone)
+        _check_time(f"scheduler.milestones[{index}]", milestone, *_TIME_KEYS["scheduler.milestones"])
     _check_choice("precision", recipe.precision, PRECISIONS)
     _check_choice("device", recipe.device, DEVICES)
+    _check_hardware(recipe)
     _check_choice("optimizer.name", recipe.optimizer.name, OPTIMIZERS)
     _check_choice("scheduler.name", recipe.scheduler.name, SCHEDULERS)
+    for key, low, low_allowed in (
+        ("optimizer.lr", 0.0, False),
+        ("optimizer.momentum", 0.0, True),
+        ("optimizer.weight_decay", 0.0, True),
+        ("scheduler.gamma", 0.0, False),
+    ):
+        value = OmegaConf.select(OmegaConf.structured(recipe), key)
+        if not math.isfinite(value) or value < low or (value == low and not low_allowed):
+            raise RecipeError(key, f"must be a finite number {'>=' if low_allowed else '>'} {low:g}, got {value!r}")
+    if recipe.data.max_bad_images < 0:
+        raise RecipeError("data.max_bad_images", f"must be >= 0 (0: any unreadable image stops the run), got "
+                          f"{recipe.data.max_bad_images}")  # fmt: skip
+    _check_saving(recipe)
     if recipe.model.name not in model_names():
         raise RecipeError("model.name", unknown_model_message(recipe.model.name))
     _check_choice("data.name", recipe.data.name, data.DATASETS)
@@ -325,7 +383,9 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(
             "model.num_classes", f"{recipe.model.num_classes} is fewer than the {classes} classes in {recipe.data.name}"
         )
-    _named_objects("algorithms", recipe.algorithms, algorithm_registry())
+    for algorithm in _named_objects("algorithms", recipe.algorithms, algorithm_registry()):
+        if isinstance(algorithm, BlurPool) and algorithm.exclude:
+            _check_exclude_patterns(recipe, algorithm.exclude)
     for callback in _named_objects("callbacks", recipe.callbacks, callback_registry()):
         if isinstance(callback, ShiftConsistencyMonitor):
             _check_consistency_size(
@@ -342,8 +402,71 @@ def validate_recipe(recipe: Recipe) -> None:
                 f"{folder} already holds checkpoints of run {recipe.run_name!r}: set autoresume=true to resume it, "
                 "save_overwrite=true to replace them, or another run_name",
             )
-    if recipe.load_path and "://" not in recipe.load_path and not os.path.isfile(recipe.load_path):
-        raise RecipeError("load_path", f"checkpoint not found: {recipe.load_path}")
+    if recipe.load_path and "://" not in recipe.load_path:
+        try:
+            # The header and the zip directory only (cheap); the Trainer's load passes the whole gate.
+            checkpoints.check_checkpoint_file(recipe.load_path)
+        except checkpoints.CheckpointError as error:
+            raise RecipeError("load_path", str(error)) from None
+
+
+def _check_exclude_patterns(recipe: Recipe, patterns: Sequence[str]) -> None:
+    """Every BlurPool exclude pattern must name a module of the recipe's model (built on the meta device: no
+    weights, milliseconds), as the algorithm will match it; a typo would otherwise exclude nothing, silently."""
+    with torch.device("meta"):
+        network = build_model(recipe.model.name, num_classes=recipe.model.num_classes)
+        model = ComposerClassifier(network, num_classes=recipe.model.num_classes)
+    unmatched = unmatched_exclude_patterns(model, patterns, roots=child_name_roots(model))
+    if unmatched:
+        pattern, closest = unmatched[0]
+        raise RecipeError(
+            "algorithms.blurpool.exclude", f"pattern {pattern!r} matches no module of {recipe.model.name}"
+            + (f"; closest names: {', '.join(closest)}" if closest else "")
+            + " (a pattern excludes the modules it names and everything inside them, e.g. layer4 or layer4.0.*)",
+        )  # fmt: skip
+
+
+def _check_hardware(recipe: Recipe) -> None:
+    """A device the machine has, and a precision that device runs (Composer's errors come as tracebacks, later)."""
+    available = {"gpu": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available[_device(recipe)]:
+        have = ", ".join(name for name, present in available.items() if present)
+        raise RecipeError("device", f"{recipe.device!r} is not available on this machine; available: {have} (or auto)")
+    if _device(recipe) != "gpu" and _precision(recipe, _device(recipe)) in ("amp_fp16", "amp_bf16"):
+        raise RecipeError(
+            "precision", f"{recipe.precision!r} needs a GPU; on {_device(recipe)} use fp32 (or auto, which picks it)"
+        )
+
+
+def save_folder(recipe: Recipe) -> str | None:
+    """The recipe's checkpoint folder with ``{run_name}`` filled in (None: no checkpoints)."""
+    if not recipe.save_folder:
+        return None
+    return recipe.save_folder.replace("{run_name}", recipe.run_name) if recipe.run_name else recipe.save_folder
+
+
+def _check_saving(recipe: Recipe) -> None:
+    """Checkpoint settings that would keep nothing, and a folder that cannot be written, are errors now."""
+    if recipe.save_num_checkpoints_to_keep == 0 or recipe.save_num_checkpoints_to_keep < -1:
+        raise RecipeError(
+            "save_num_checkpoints_to_keep", f"{recipe.save_num_checkpoints_to_keep} would keep no checkpoint; write "
+            "-1 to keep them all, or N >= 1 to keep the newest N",
+        )  # fmt: skip
+    folder = save_folder(recipe)
+    if folder is None:
+        return
+    # The nearest folder that exists must take a new file: a read-only or full file system fails now, not at the
+    # first checkpoint hours in. Placeholders Composer fills per rank ({rank}) stop the walk at their parent.
+    existing = os.path.abspath(folder.split("{", 1)[0] or ".")
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise RecipeError(
+            "save_folder", f"cannot write checkpoints under {existing}: {error.strerror or type(error).__name__}"
+        ) from None
 
 
 def _default_crop(recipe: Recipe, margin: int) -> int:
@@ -416,6 +539,7 @@ def _data_options(recipe: Recipe) -> dict[str, Any]:
         "num_classes": recipe.model.num_classes,
         "synthetic_samples": recipe.data.synthetic_samples,
         "image_size": recipe.data.image_size,
+        "max_bad_images": recipe.data.max_bad_images,
     }
 
 
@@ -427,11 +551,17 @@ def _consistency_loader(recipe: Recipe, side: int) -> torch.utils.data.DataLoade
     )
 
 
-def build_trainer(recipe: Recipe, *, strict_load: bool = False) -> Trainer:
+def build_trainer(recipe: Recipe) -> Trainer:
     """The Composer Trainer a validated recipe describes (model, data, optimizer, schedule, algorithms, ...).
 
-    ``strict_load`` makes a ``load_path`` checkpoint's model weights match the model's exactly (evaluation), instead
-    of Composer's default that skips missing and unexpected keys.
+    Every checkpoint it loads (``load_path``, or the save folder's latest with ``autoresume``) passes the checkpoint
+    gate (:mod:`blurpool_algo.checkpoints`): safe unpickling unless ``trust_checkpoint``, literal algorithm
+    descriptions, and weights that match the recipe's model key for key and shape for shape (blur filters aside).
+    With ``autoresume``, checkpoints left partial by a crash are first set aside, so the run resumes from the last
+    complete one.
+
+    Raises:
+        RecipeError: a checkpoint the gate refuses (key ``load_path``, or ``autoresume`` for the save folder's).
     """
     world_size = dist.get_world_size()
     device = _device(recipe)
@@ -457,31 +587,43 @@ def build_trainer(recipe: Recipe, *, strict_load: bool = False) -> Trainer:
             # images prepared at crop_size + max_shift (ImageNet: Resize 256 + CenterCrop 256).
             side = _consistency_side(recipe, callback.mode, callback.max_shift, callback.crop_size)
             callback.dataloader = _consistency_loader(recipe, side)
-    return Trainer(
-        run_name=recipe.run_name,
-        model=model,
-        train_dataloader=train_loader,
-        eval_dataloader=eval_loader,
-        eval_interval=recipe.eval_interval,
-        max_duration=recipe.max_duration,
-        optimizers=_optimizer(recipe, model),
-        schedulers=_scheduler(recipe),
-        algorithms=_named_objects("algorithms", recipe.algorithms, algorithm_registry()),
-        callbacks=callbacks,
-        loggers=_named_objects("loggers", recipe.loggers, LOGGERS),
-        precision=_precision(recipe, device),
-        device=device,
-        seed=recipe.seed,
-        save_folder=recipe.save_folder,
-        save_interval=recipe.save_interval,
-        save_num_checkpoints_to_keep=recipe.save_num_checkpoints_to_keep,
-        save_overwrite=recipe.save_overwrite,
-        load_path=recipe.load_path,
-        load_strict_model_weights=strict_load,
-        autoresume=recipe.autoresume,
-        progress_bar=recipe.progress_bar,
-        log_to_console=not recipe.progress_bar,
+    folder = save_folder(recipe)
+    if recipe.autoresume and folder is not None and dist.get_global_rank() == 0:
+        # Before the Trainer looks for the latest checkpoint; the other ranks learn its path from rank 0 (Composer
+        # broadcasts it), so they never see the folder before this.
+        checkpoints.recover_save_folder(folder)
+    gate = checkpoints.composer_load_gate(
+        model, trusted=recipe.trust_checkpoint, what=f"the recipe's {recipe.model.name}"
     )
+    try:
+        with gate:
+            return Trainer(
+                run_name=recipe.run_name,
+                model=model,
+                train_dataloader=train_loader,
+                eval_dataloader=eval_loader,
+                eval_interval=recipe.eval_interval,
+                max_duration=recipe.max_duration,
+                optimizers=_optimizer(recipe, model),
+                schedulers=_scheduler(recipe),
+                algorithms=_named_objects("algorithms", recipe.algorithms, algorithm_registry()),
+                callbacks=callbacks,
+                loggers=_named_objects("loggers", recipe.loggers, LOGGERS),
+                precision=_precision(recipe, device),
+                device=device,
+                seed=recipe.seed,
+                save_folder=recipe.save_folder,
+                save_interval=recipe.save_interval,
+                save_num_checkpoints_to_keep=recipe.save_num_checkpoints_to_keep,
+                save_overwrite=recipe.save_overwrite,
+                load_path=recipe.load_path,
+                autoresume=recipe.autoresume,
+                progress_bar=recipe.progress_bar,
+                log_to_console=not recipe.progress_bar,
+            )
+    except checkpoints.CheckpointError as error:
+        in_folder = folder is not None and os.path.realpath(error.path).startswith(os.path.realpath(folder) + os.sep)
+        raise RecipeError("autoresume" if recipe.autoresume and in_folder else "load_path", str(error)) from None
 
 
 @dataclass
@@ -495,6 +637,9 @@ class RunSummary:
         algorithms: class names of the run's algorithms.
         shift_consistency: mode -> the last consistency (percent) of each ShiftConsistencyMonitor.
         throughput: the ThroughputMonitor's fit summary (``samples_per_sec``, ``peak_memory_bytes``, ...), if any.
+        diverged: the model's outputs went non-finite (a NaN or infinite final training loss, or NaN/inf logits in a
+            shift-consistency measurement): its accuracy and consistency mean nothing, and are not reported.
+        diverged_at_batch: the first batch at which that was seen.
     """
 
     run_name: str
@@ -507,16 +652,35 @@ class RunSummary:
     history: dict[str, list[list[float]]] = field(default_factory=dict)
     #: The diagonal stability curve at the end of training, when asked for (``run_recipe(..., stability=True)``).
     stability: DiagonalStability | None = None
+    diverged: bool = False
+    diverged_at_batch: int | None = None
+    #: Unreadable image files the run's loaders skipped (``data.max_bad_images``), training and evaluation trees.
+    bad_images: int = 0
 
     def __str__(self) -> str:
-        parts = [f"top-1 accuracy {self.accuracy:.2f} %"]
-        parts += [f"{mode} consistency {value:.2f} %" for mode, value in self.shift_consistency.items()]
-        if "samples_per_sec" in self.throughput:
-            parts.append(f"{self.throughput['samples_per_sec']:.0f} samples/s")
-        if self.throughput.get("peak_memory_bytes"):
-            parts.append(f"peak memory {self.throughput['peak_memory_bytes'] / 2**20:.0f} MiB")
-        parts.append(f"wall time {self.wall_time:.1f} s")
-        return f"{self.run_name}: {', '.join(parts)}, algorithms: {', '.join(self.algorithms) or 'none'}"
+        return describe_run(asdict(self))
+
+
+def describe_run(summary: Mapping[str, Any]) -> str:
+    """One line for a run summary (a :class:`RunSummary` as a dict, as its JSON holds it): run.py and the A/B print
+    it. A diverged run shows no accuracy or consistency, which would be numbers of a model with no meaning."""
+    if summary.get("diverged"):
+        parts = [f"DIVERGED at batch {summary.get('diverged_at_batch')} (non-finite outputs): no accuracy or "
+                 "consistency reported"]  # fmt: skip
+    else:
+        parts = [f"top-1 accuracy {summary['accuracy']:.2f} %"]
+        parts += [
+            f"{mode} consistency {value:.2f} %" for mode, value in (summary.get("shift_consistency") or {}).items()
+        ]
+    throughput = summary.get("throughput") or {}
+    if "samples_per_sec" in throughput:
+        parts.append(f"{throughput['samples_per_sec']:.0f} samples/s")
+    if throughput.get("peak_memory_bytes"):
+        parts.append(f"peak memory {throughput['peak_memory_bytes'] / 2**20:.0f} MiB")
+    parts.append(f"wall time {summary['wall_time']:.1f} s")
+    if summary.get("bad_images"):
+        parts.append(f"{summary['bad_images']} unreadable images skipped")
+    return f"{summary['run_name']}: {', '.join(parts)}, algorithms: {', '.join(summary['algorithms']) or 'none'}"
 
 
 #: The logged series a run's summary keeps: eval top-1 (fraction), windowed throughput, shift consistency.
@@ -594,10 +758,27 @@ def run_recipe(
         throughput=next((dict(c.summary) for c in callbacks if isinstance(c, ThroughputMonitor) and c.summary), {}),
         history=history.series,
     )
-    if stability:
+    summary.diverged, summary.diverged_at_batch = _divergence(trainer)
+    loaders = [trainer.state.train_dataloader, *(e.dataloader.dataloader for e in trainer.state.evaluators)]
+    summary.bad_images = sum(data.bad_image_count(loader) for loader in loaders if loader is not None)
+    if summary.diverged:
+        summary.shift_consistency = {}
+    elif stability:
         summary.stability = _final_stability(trainer)
     trainer.close()
     return summary
+
+
+def _divergence(trainer: Trainer) -> tuple[bool, int | None]:
+    """Whether the run diverged, and the first batch where that was seen (a monitor's NaN logits, or the loss)."""
+    monitors = [c for c in trainer.state.callbacks if isinstance(c, ShiftConsistencyMonitor) and c.diverged]
+    if monitors:
+        return True, min(m.diverged_at_batch or 0 for m in monitors)
+    loss = trainer.state.loss
+    losses = list(loss.values()) if isinstance(loss, Mapping) else loss if isinstance(loss, list | tuple) else [loss]
+    if any(torch.is_tensor(value) and not bool(torch.isfinite(value).all()) for value in losses):
+        return True, int(trainer.state.timestamp.batch)
+    return False, None
 
 
 def write_summary_json(summary: RunSummary, path: str | os.PathLike[str]) -> None:
@@ -695,21 +876,16 @@ def evaluate_recipe(
     ``evaluation.json`` and ``diagonal_stability.png`` to ``out`` (each whole or not at all).
 
     Raises:
-        RecipeError: no checkpoint, one that cannot be read, or one whose weights do not fit the recipe's model.
+        RecipeError: no checkpoint, or one the checkpoint gate refuses (unreadable, incomplete, unsafe, or weights
+            that do not fit the recipe's model).
     """
     if not recipe.load_path:
         raise RecipeError("load_path", "evaluation needs a checkpoint: add load_path=/path/to/checkpoint.pt")
     max_shift, crop_size = consistency_protocol(recipe, max_shift, crop_size)
     if out is not None:
         os.makedirs(out, exist_ok=True)
-    try:
-        trainer = build_trainer(recipe, strict_load=True)
-    except Exception as exc:  # torch.load, unpickling and load_state_dict raise many types; all mean "wrong file"
-        raise RecipeError(
-            "load_path",
-            f"cannot load {recipe.load_path} into the recipe's {recipe.model.name} (a checkpoint of another model or "
-            f"recipe, or not a Composer checkpoint?): {type(exc).__name__}: {_first_line(exc)}",
-        ) from None
+    # The checkpoint gate makes the load strict and safe; its refusals are RecipeErrors naming load_path.
+    trainer = build_trainer(recipe)
     try:
         accuracy = _top1(trainer)
         loader = _consistency_loader(recipe, crop_size + max_shift)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from blurpool_algo.train import TRUST_FLAG_HELP
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -29,15 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-batches", type=int, help="batches per rank to measure (default: the whole val set)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random shifts (default 0)")
     parser.add_argument("--step", type=int, default=1, help="offset step of the diagonal stability curve (default 1)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
     # Intermixed: overrides may come before or after the flags.
     args = parser.parse_intermixed_args(argv)
+    overrides = [*args.overrides, *(["trust_checkpoint=true"] if args.trust_checkpoint else [])]
 
     from composer.utils import dist
 
     from blurpool_algo.config import RecipeError, evaluate_recipe, load_recipe
 
     try:
-        recipe = load_recipe(args.file, args.overrides)
+        recipe = load_recipe(args.file, overrides)
         for flag in ("num_batches", "step"):
             value = getattr(args, flag)
             if value is not None and value < 1:
@@ -54,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             step=args.step,
         )
     except RecipeError as error:
-        if error.key == "load_path":
-            from_command_line = any(item.startswith("load_path=") for item in args.overrides)
-            error = error.with_source("command line" if from_command_line else args.file)
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error.located(args.file, overrides)}", file=sys.stderr)
         return 2
     if dist.get_global_rank() == 0:
         print(f"\n{evaluation}", flush=True)

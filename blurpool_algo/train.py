@@ -4,16 +4,51 @@
     composer -n 8 run.py -f yamls/resnet50_blurpool.yaml data.root=/data/imagenet
     python -m blurpool_algo.train -f ...   (the same, where the repository's run.py is not at hand)
 
-All the work lives in blurpool_algo.config; this module only parses arguments and reports.
+Exit codes: 0 trained; 3 trained to the end but diverged (NaN or infinite outputs: the summary says so and reports
+no accuracy or consistency); 2 the recipe or a checkpoint was refused before any training (one line on stderr); 1 the
+run failed (a full disk gets one line saying how to resume). All the work lives in blurpool_algo.config; this module
+only parses arguments and reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
+import os
+import signal
 import sys
+
+#: The exit code of a run that trained to the end but diverged (non-finite outputs); its summary says so.
+DIVERGED_EXIT = 3
+#: Set for a run's process: it then dies with its parent (the A/B runner sets it, so a launcher's ranks die with
+#: the launcher, and the launcher with the runner).
+DIE_WITH_PARENT_ENV = "BLURPOOL_ALGO_DIE_WITH_PARENT"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+#: The flag that opts in to unpickling a checkpoint the user trusts (the recipe key ``trust_checkpoint``).
+TRUST_FLAG_HELP = (
+    "unpickle checkpoints without the safe loader's allowlist (same as trust_checkpoint=true): only for files you trust"
+)
+
+
+def die_with_parent(parent: int) -> None:
+    """Asks Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``), then checks the parent
+    is still ``parent`` (it may have died before the request). A no-op outside Linux.
+
+    A SIGKILL of the A/B runner reaches no handler of its; with this, the run it started dies with it instead of
+    training on unseen beside the run a rerun starts.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get(DIE_WITH_PARENT_ENV):
+        die_with_parent(os.getppid())  # under a launcher, the parent is the launcher, which dies with the runner
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-f", "--file", required=True, help="recipe YAML, e.g. yamls/quickstart_blurpool.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/imagenet seed=3")
@@ -21,24 +56,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--diagonal-stability", action="store_true", help="measure the diagonal stability curve after training"
     )
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
     # Intermixed: overrides may come before or after the flags.
     args = parser.parse_intermixed_args(argv)
+    overrides = [*args.overrides, *(["trust_checkpoint=true"] if args.trust_checkpoint else [])]
 
     from composer.utils import dist
 
     from blurpool_algo.config import RecipeError, load_recipe, run_recipe, write_summary_json
 
     try:
-        recipe = load_recipe(args.file, args.overrides)
+        recipe = load_recipe(args.file, overrides)
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summary = run_recipe(recipe, stability=args.diagonal_stability)
+    try:
+        summary = run_recipe(recipe, stability=args.diagonal_stability)
+    except RecipeError as error:
+        print(f"error: {error.located(args.file, overrides)}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as error:
+        full = _full_disk(recipe, error)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 1
     if dist.get_global_rank() == 0:
         if args.summary_json:
             write_summary_json(summary, args.summary_json)
         print(f"\nsummary: {summary}", flush=True)
-    return 0
+    return DIVERGED_EXIT if summary.diverged else 0
+
+
+def _full_disk(recipe, error: BaseException) -> str | None:
+    """A one-line explanation if ``error`` came from a full disk under the recipe's save folder, else None."""
+    from blurpool_algo.checkpoints import room_for_a_checkpoint
+    from blurpool_algo.config import save_folder
+
+    folder = save_folder(recipe)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = error.filename or folder or "the disk"
+    elif folder is not None:
+        free, needed = room_for_a_checkpoint(folder)
+        if free >= needed:
+            return None
+        where = folder
+    else:
+        return None
+    return (
+        f"no space left on the disk holding {where}; free space, then rerun the same command (with autoresume=true "
+        "it resumes from the last complete checkpoint, setting the partial one aside)"
+    )
 
 
 if __name__ == "__main__":
