@@ -15,7 +15,11 @@ not at all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
+import functools
+import inspect
 import json
 import math
 import os
@@ -76,9 +80,23 @@ class Plan:
     def run_json(self, arm: str, seed: int) -> Path:
         return self.out / "runs" / f"{arm}-seed{seed}.json"
 
+    #: Arm -> algorithm name -> every option of the algorithm as built, defaults included.
+    algorithm_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
     def fingerprint(self) -> dict[str, Any]:
-        """What must match for a rerun to resume this A/B rather than mix two different ones."""
-        return {"recipes": self.resolved, "overrides": self.overrides, "seeds": self.seeds, "nproc": self.nproc}
+        """What must match for a rerun to resume this A/B rather than mix two different ones: the resolved recipes,
+        the algorithms' effective options (a changed package default changes them), the package version, the
+        overrides, seeds and process count."""
+        from blurpool_algo import __version__
+
+        return {
+            "recipes": self.resolved,
+            "algorithm_options": self.algorithm_options,
+            "package_version": __version__,
+            "overrides": self.overrides,
+            "seeds": self.seeds,
+            "nproc": self.nproc,
+        }
 
 
 # ------------------------------------------------------------------------------------------------------ planning
@@ -99,16 +117,37 @@ def parse_seeds(text: str) -> list[int]:
     return values
 
 
-def _resolved(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    return repr(value)
+
+
+def effective_options(algorithm: Any) -> dict[str, Any]:
+    """Each constructor argument of ``algorithm`` as the built object holds it (defaults included), JSON-ready."""
+    parameters = inspect.signature(type(algorithm).__init__).parameters
+    return {
+        name: _jsonable(getattr(algorithm, name)) for name in parameters if name != "self" and hasattr(algorithm, name)
+    }
+
+
+def _resolved(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe as resolved (every key, defaults included), and its algorithms' effective options."""
     from omegaconf import OmegaConf
 
-    from blurpool_algo.config import RecipeError, load_recipe
+    from blurpool_algo.config import RecipeError, algorithm_registry, load_recipe
 
     try:
         recipe = load_recipe(path, overrides)
     except RecipeError as error:
         raise ABError(f"{error}") from None
-    return OmegaConf.to_container(OmegaConf.structured(recipe))  # type: ignore[return-value]
+    registry = algorithm_registry()
+    options = {name: effective_options(registry[name](**(value or {}))) for name, value in recipe.algorithms.items()}
+    return OmegaConf.to_container(OmegaConf.structured(recipe)), options  # type: ignore[return-value]
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -154,7 +193,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if plan.nproc < 1:
         raise ABError(f"--nproc must be at least 1, got {plan.nproc}")
     for arm in ARMS:
-        plan.resolved[arm] = _resolved(plan.recipe(arm), plan.overrides)
+        plan.resolved[arm], plan.algorithm_options[arm] = _resolved(plan.recipe(arm), plan.overrides)
         for seed in plan.seeds:  # an override may interact with the seed-specific keys
             _resolved(plan.recipe(arm), _run_overrides(plan, arm, seed))
         # Set per run: not part of what the arms share.
@@ -164,10 +203,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
     marker = plan.out / "ab.json"
     if marker.exists():
         previous = json.loads(marker.read_text())
-        if previous != json.loads(json.dumps(plan.fingerprint())):
+        current = json.loads(json.dumps(plan.fingerprint()))
+        changed = [key for key in current if previous.get(key) != current[key]]
+        if changed:
             raise ABError(
-                f"--out {plan.out} holds an A/B of other recipes, overrides or seeds; resume it with its own "
-                "command, or choose another --out"
+                f"--out {plan.out} holds an A/B with other {', '.join(changed)} (a changed recipe, override, seed "
+                "or package default would mix two experiments in one report); resume it with its own command and "
+                "package version, or choose another --out"
             )
     return plan
 
@@ -200,57 +242,117 @@ def _train_command(plan: Plan, arm: str, seed: int, summary: Path) -> list[str]:
 
 
 def _terminate(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
+    """Stops a run and every process it started (the launcher's ranks too): SIGTERM to its process group, then
+    SIGKILL after 30 s."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class _Lock:
+    """``--out``'s lock: held by the runner and inherited by the run it starts, so it stays held while either lives.
+
+    ``lock.json`` beside it names the runner's and the current run's pids, for the message a second runner gets.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "ab.lock"
+        self.pids = out / "lock.json"
+        self.handle = open(self.path, "a+")  # noqa: SIM115 - held for the runner's lifetime
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            holders = json.loads(self.pids.read_text()) if self.pids.exists() else {}
+            alive = {role: pid for role, pid in holders.items() if _alive(pid)}
+            named = ", ".join(f"{role} pid {pid}" for role, pid in alive.items()) or "a process"
+            raise ABError(
+                f"--out {out} is in use by an A/B that is still running ({named}); wait for it to finish or stop it "
+                "(kill the pid), then rerun this command to resume"
+            ) from None
+        self.record(None)
+
+    def __enter__(self) -> _Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pids.unlink(missing_ok=True)
+        self.handle.close()  # releases the lock (a run that outlived the runner would still hold its inherited copy)
+
+    def record(self, child: int | None) -> None:
+        holders = {"runner": os.getpid(), **({"run": child} if child else {})}
+        _write_atomically(self.pids, json.dumps(holders) + "\n")
+
+    @property
+    def fd(self) -> int:
+        return self.handle.fileno()
 
 
-def _describe(summary: dict[str, Any]) -> str:
-    consistency = summary.get("shift_consistency") or {}
-    parts = [f"top-1 {summary['accuracy']:.2f} %"]
-    parts += [f"{mode} consistency {value:.2f} %" for mode, value in consistency.items()]
-    if "samples_per_sec" in (summary.get("throughput") or {}):
-        parts.append(f"{summary['throughput']['samples_per_sec']:.0f} samples/s")
-    parts.append(f"{summary['wall_time']:.1f} s")
-    return ", ".join(parts)
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run_all(plan: Plan, log=print) -> dict[str, dict[int, dict[str, Any]]]:
-    """Runs every (seed, arm) not finished before; returns arm -> seed -> the run's summary."""
+    """Runs every (seed, arm) not finished before; returns arm -> seed -> the run's summary.
+
+    A run diverged (its summary says so, exit code 3) counts as finished: the report shows it as diverged.
+    """
+    from blurpool_algo.config import describe_run
+    from blurpool_algo.train import DIE_WITH_PARENT_ENV, DIVERGED_EXIT, die_with_parent
+
     (plan.out / "runs").mkdir(parents=True, exist_ok=True)
-    _write_atomically(plan.out / "ab.json", json.dumps(plan.fingerprint(), indent=2) + "\n")
-    order = [(seed, arm) for seed in plan.seeds for arm in ARMS]
-    results: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
-    for number, (seed, arm) in enumerate(order, start=1):
-        summary_path = plan.run_json(arm, seed)
-        tag = f"[ab {number}/{len(order)}] {arm} seed {seed}"
-        if summary_path.exists():
+    with _Lock(plan.out) as lock:
+        _write_atomically(plan.out / "ab.json", json.dumps(plan.fingerprint(), indent=2) + "\n")
+        order = [(seed, arm) for seed in plan.seeds for arm in ARMS]
+        results: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
+        runner = os.getpid()
+        for number, (seed, arm) in enumerate(order, start=1):
+            summary_path = plan.run_json(arm, seed)
+            tag = f"[ab {number}/{len(order)}] {arm} seed {seed}"
+            if summary_path.exists():
+                results[arm][seed] = json.loads(summary_path.read_text())
+                log(f"{tag}: finished before, reused: {describe_run(results[arm][seed])}")
+                continue
+            log_path = summary_path.with_suffix(".log")
+            log(f"{tag}: running, log {log_path}")
+            # Appended: an earlier attempt's log (of a run killed with its machine, say) is evidence; never overwritten.
+            with open(log_path, "a") as stream:
+                started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                stream.write(f"===== {started}: attempt by runner pid {runner} =====\n")
+                stream.flush()
+                process = subprocess.Popen(
+                    _train_command(plan, arm, seed, summary_path), stdout=stream, stderr=subprocess.STDOUT,
+                    start_new_session=True, preexec_fn=functools.partial(die_with_parent, runner), pass_fds=(lock.fd,),
+                    env={**os.environ, DIE_WITH_PARENT_ENV: "1"},
+                )  # fmt: skip
+                lock.record(process.pid)
+                try:
+                    code = process.wait()
+                finally:
+                    _terminate(process)  # on an interruption of this process, the run must not go on alone
+                    lock.record(None)
+            if code not in (0, DIVERGED_EXIT) or not summary_path.exists():
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise ABError(
+                    f"the {arm} arm failed for seed {seed} (exit code {code}); no report was written. Its log: "
+                    f"{log_path}; last lines:\n  " + "\n  ".join(tail),
+                    exit_code=1,
+                )
             results[arm][seed] = json.loads(summary_path.read_text())
-            log(f"{tag}: finished before, reused: {_describe(results[arm][seed])}")
-            continue
-        log_path = summary_path.with_suffix(".log")
-        log(f"{tag}: running, log {log_path}")
-        with open(log_path, "w") as stream:
-            process = subprocess.Popen(
-                _train_command(plan, arm, seed, summary_path), stdout=stream, stderr=subprocess.STDOUT
-            )
-            try:
-                code = process.wait()
-            finally:
-                _terminate(process)  # on an interruption of this process, the run must not go on alone
-        if code != 0 or not summary_path.exists():
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise ABError(
-                f"the {arm} arm failed for seed {seed} (exit code {code}); no report was written. Its log: "
-                f"{log_path}; last lines:\n  " + "\n  ".join(tail),
-                exit_code=1,
-            )
-        results[arm][seed] = json.loads(summary_path.read_text())
-        log(f"{tag}: {_describe(results[arm][seed])}")
+            log(f"{tag}: {describe_run(results[arm][seed])}")
     return results
 
 
@@ -269,8 +371,14 @@ def _value(summary: dict[str, Any], metric: str) -> float:
     return float(summary[metric])
 
 
-def describe_values(values: Sequence[float]) -> dict[str, Any]:
-    """``{mean, std, values}``; std is the sample standard deviation (0 for one value)."""
+def describe_values(values: Sequence[float], diverged_seeds: Sequence[int] = ()) -> dict[str, Any]:
+    """``{mean, std, values}``; std is the sample standard deviation (0 for one value).
+
+    With ``diverged_seeds``, ``mean`` and ``std`` are None and the seeds are kept under ``diverged_seeds`` (their
+    ``values`` entries are None).
+    """
+    if diverged_seeds:
+        return {"mean": None, "std": None, "values": list(values), "diverged_seeds": list(diverged_seeds)}
     finite = [v for v in values if not math.isnan(v)]
     mean = statistics.fmean(finite) if finite else math.nan
     std = statistics.stdev(finite) if len(finite) > 1 else (0.0 if finite else math.nan)
@@ -279,6 +387,10 @@ def describe_values(values: Sequence[float]) -> dict[str, Any]:
 
 def compare(baseline: dict[str, Any], treatment: dict[str, Any]) -> dict[str, Any]:
     """Treatment minus baseline, and whether it exceeds seed-to-seed noise (Welch's t-test, two-sided, 95%)."""
+    gone = [arm for arm, stats in zip(ARMS, (baseline, treatment), strict=True) if stats.get("diverged_seeds")]
+    if gone:
+        return {"difference": math.nan, "relative": math.nan, "beyond_noise": None, "t": math.nan,
+                "verdict": f"n/a: the {' and '.join(gone)} arm{'s' if len(gone) > 1 else ''} diverged"}  # fmt: skip
     a, b = ([v for v in arm["values"] if not math.isnan(v)] for arm in (baseline, treatment))
     delta = treatment["mean"] - baseline["mean"]
     result: dict[str, Any] = {
@@ -332,10 +444,20 @@ def _versions() -> dict[str, str]:
 
 
 def build_report(plan: Plan, results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """The content of ``report.json``."""
+    """The content of ``report.json``.
+
+    An arm with a diverged run (non-finite outputs, for any seed) has no statistics: every metric of it holds
+    ``mean`` and ``std`` null and ``diverged_seeds``, and every difference involving it is ``n/a``. A mean over the
+    seeds that survived would flatter the arm; numbers of a diverged model mean nothing.
+    """
+    diverged = {arm: [seed for seed in plan.seeds if results[arm][seed].get("diverged")] for arm in ARMS}
     arms = {
         arm: {
-            metric: describe_values([_value(results[arm][seed], metric) for seed in plan.seeds]) for metric in METRICS
+            metric: describe_values(
+                [None if seed in diverged[arm] else _value(results[arm][seed], metric) for seed in plan.seeds],
+                diverged[arm],
+            )
+            for metric in METRICS
         }
         for arm in ARMS
     }
@@ -353,16 +475,25 @@ def build_report(plan: Plan, results: dict[str, dict[int, dict[str, Any]]]) -> d
             arm: {str(seed): {k: results[arm][seed][k] for k in ("run_name", "algorithms")} for seed in plan.seeds}
             for arm in ARMS
         },
+        "diverged": diverged,
         "versions": _versions(),
         "machine": _machine(),
     }
 
 
 def _cell(stats: dict[str, Any], unit: str) -> str:
+    if stats.get("diverged_seeds"):
+        seeds = stats["diverged_seeds"]
+        return f"diverged (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
     if math.isnan(stats["mean"]):
         return "not measured"
     digits = 0 if unit in ("samples/s", "MiB") else 2
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f} {unit}"
+
+
+def _seed_cell(value: float | None) -> str:
+    """One seed's value in the per-seed table: None is a diverged run's."""
+    return "diverged" if value is None else "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -399,9 +530,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     per_seed = [
         f"| {METRICS[m][0]} | "
-        + " | ".join(
-            ", ".join("n/a" if math.isnan(v) else f"{v:.2f}" for v in report["arms"][arm][m]["values"]) for arm in ARMS
-        )
+        + " | ".join(", ".join(_seed_cell(v) for v in report["arms"][arm][m]["values"]) for arm in ARMS)
         + " |"
         for m in METRICS
     ]

@@ -1,156 +1,354 @@
-"""The A/B runner, end to end through its command line: report files and schema, resume after a real interruption,
-failures that leave no report, and the noise verdict against scipy's Welch test."""
+"""The A/B runner, end to end: report files and schema, the runner killed with SIGTERM and with SIGKILL in the middle
+of a run (its child dies with it, a second runner is refused while it lives, a partial checkpoint is set aside, the
+killed run's log is kept, the resumed report equals an uninterrupted run's numbers), failures that leave no report,
+folders of another A/B (another recipe, or a changed package default), diverged arms, and the noise verdict against
+scipy's Welch test.
+
+One A/B is trained (module fixture, one worker): baseline and treatment for seed 17, the treatment interrupted twice.
+Everything else runs the runner in this process, with real or stand-in children.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import inspect
+import io
 import json
 import math
+import os
+import re
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import QUICKSTART, QUICKSTART_BASELINE, ROOT, TINY
 from scipy import stats
 
+from blurpool_algo import ab
 from blurpool_algo.ab import ABError, compare, describe_values, parse_seeds
 
 # One worker runs the whole module, so its trained fixture is built once.
 pytestmark = pytest.mark.xdist_group("ab")
 
-ROOT = Path(__file__).resolve().parents[1]
-BASELINE = ROOT / "yamls" / "quickstart_baseline.yaml"
-TREATMENT = ROOT / "yamls" / "quickstart_blurpool.yaml"
-# Synthetic 32 px images, two training batches: each run takes seconds, and still goes through every monitor.
-TINY = [
-    "data.name=synthetic",
-    "data.synthetic_samples=64",
-    "data.image_size=32",
-    "train_batch_size=16",
-    "eval_batch_size=32",
-    "max_duration=2ba",
-    "callbacks.shift_consistency_monitor.crop_size=24",
-]
+# Checkpoints every batch (under --out, resumed after an interruption), so a kill lands between or inside writes.
+RUN = [*TINY, "max_duration=8ba", "save_folder=unused", "save_interval=1ba", "save_num_checkpoints_to_keep=2"]
 METRICS = ("accuracy", "shift_consistency", "samples_per_sec", "peak_memory", "wall_time")
 REPORT = ("report.json", "report.md", "accuracy.png", "stability.png", "throughput.png")
 
 
-def ab_command(out: Path, *extra: str, baseline: Path = BASELINE, treatment: Path = TREATMENT) -> list[str]:
-    return [sys.executable, "-m", "blurpool_algo.ab", "--baseline", str(baseline), "--treatment", str(treatment),
-            "--seeds", "2", "--out", str(out), *TINY, *extra]  # fmt: skip
+def ab_argv(out: Path, *extra: str, baseline: Path = QUICKSTART_BASELINE, treatment: Path = QUICKSTART) -> list[str]:
+    return ["--baseline", str(baseline), "--treatment", str(treatment), "--seeds", "1", "--out", str(out), *RUN,
+            *extra]  # fmt: skip
 
 
-def run_ab(out: Path, *extra: str, **recipes) -> subprocess.CompletedProcess:
-    return subprocess.run(ab_command(out, *extra, **recipes), cwd=ROOT, capture_output=True, text=True, timeout=400)
+def start_runner(out: Path) -> subprocess.Popen:
+    # One intra-op thread in the runs, as in this worker: the reference run below computes bit-identically.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "blurpool_algo.ab", *ab_argv(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+def run_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``python -m blurpool_algo.ab ARGV`` in this process (the runner; its runs are still child processes)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = ab.main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, (
+            f"the runner exited ({process.returncode}) before {what}: {process.stderr.read()}"
+        )
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead: its parent (the killed runner, now init) has not reaped it yet.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ")[-1][0] != "Z"
+
+
+@pytest.fixture(scope="session")
 def finished(tmp_path_factory):
+    """An A/B whose runner is killed (SIGKILL) while the treatment run trains, then resumed: what the tests read."""
     out = tmp_path_factory.mktemp("ab") / "tiny"
-    result = run_ab(out)
-    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
-    return out, result
+    checkpoints = out / "checkpoints" / "treatment-seed17"
+    seen: dict = {}
+
+    def treatment_started() -> bool:
+        log_exists = (out / "runs" / "treatment-seed17.log").exists()
+        pids = json.loads((out / "lock.json").read_text()) if (out / "lock.json").exists() else {}
+        seen["run"] = pids.get("run")
+        # The runner opens the run's log, then starts it, then records its pid: a pid seen after the log is its.
+        return log_exists and seen["run"] is not None
+
+    # 1. SIGKILL, which the runner never sees, once the treatment has checkpointed; a second runner is refused first.
+    started = time.time()
+    second = start_runner(out)
+    wait_for(treatment_started, second, "the treatment run, again")
+    seen["killed_run"] = seen["run"]
+    handler = signal.getsignal(signal.SIGTERM)
+    refused = io.StringIO()
+    with contextlib.redirect_stderr(refused):
+        seen["refused"] = (ab.main(ab_argv(out)), refused.getvalue())
+    signal.signal(signal.SIGTERM, handler)
+    latest = checkpoints / "latest-rank0.pt"
+    wait_for(lambda: latest.exists() and latest.stat().st_mtime > started, second, "a checkpoint of this attempt")
+    second.send_signal(signal.SIGKILL)
+    second.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while alive(seen["killed_run"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen["run_alive_after_kill"] = alive(seen["killed_run"])
+    # A crash in the middle of a checkpoint write leaves the newest file partial: the kill may have made one, or not.
+    latest = checkpoints / os.readlink(checkpoints / "latest-rank0.pt")
+    partial = checkpoints / latest.name.replace(f"-ba{latest.name.split('-ba')[1].split('-')[0]}-", "-ba99-")
+    partial = next((p for p in checkpoints.glob("ep*-rank0.pt") if p.stat().st_mtime > latest.stat().st_mtime), partial)
+    if not partial.exists():
+        partial.write_bytes(latest.read_bytes()[:4096])
+    seen["partial"] = partial.name
+
+    # 2. The same command, once more, resumes and finishes (this runner in this process; its runs are children).
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            code = ab.main(ab_argv(out))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        os.environ.pop("OMP_NUM_THREADS") if threads is None else os.environ.update(OMP_NUM_THREADS=threads)
+    assert code == 0, output.getvalue()[-3000:]
+    return out, output.getvalue(), seen
 
 
 def test_every_report_file_with_the_schema(finished):
-    out, result = finished
+    out, stdout, _ = finished
     assert all((out / name).is_file() for name in REPORT)
     for name in REPORT:
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "report.json").read_text())
-    assert report["seeds"] == [17, 18]
+    assert report["seeds"] == [17]
     units = {"accuracy": "%", "shift_consistency": "%", "samples_per_sec": "samples/s", "peak_memory": "MiB"}
     assert report["units"] == {**units, "wall_time": "s"}
+    assert report["diverged"] == {"baseline": [], "treatment": []}
     for arm in ("baseline", "treatment"):
-        runs = {seed: json.loads((out / "runs" / f"{arm}-seed{seed}.json").read_text()) for seed in (17, 18)}
+        run = json.loads((out / "runs" / f"{arm}-seed17.json").read_text())
         for metric in METRICS:
             entry = report["arms"][arm][metric]
-            assert set(entry) == {"mean", "std", "values"} and len(entry["values"]) == 2
-            assert entry["mean"] == pytest.approx(statistics.fmean(entry["values"]))
-            assert entry["std"] == pytest.approx(statistics.stdev(entry["values"]))
-        assert report["arms"][arm]["accuracy"]["values"] == [runs[17]["accuracy"], runs[18]["accuracy"]]
-        assert report["arms"][arm]["shift_consistency"]["values"] == [
-            runs[s]["shift_consistency"]["crop"] for s in (17, 18)
-        ]
+            assert set(entry) == {"mean", "std", "values"} and len(entry["values"]) == 1
+            assert entry["mean"] == entry["values"][0] and entry["std"] == 0.0
+        assert report["arms"][arm]["accuracy"]["values"] == [run["accuracy"]]
+        assert report["arms"][arm]["shift_consistency"]["values"] == [run["shift_consistency"]["crop"]]
         assert report["recipes"][arm]["path"].endswith(f"quickstart_{'blurpool' if arm == 'treatment' else arm}.yaml")
+        assert run["run_name"] == f"tiny-{arm}-seed17"  # both arms run seed 17: the same initial weights
     assert report["runs"]["treatment"]["17"]["algorithms"] == ["BlurPool"]
     assert report["runs"]["baseline"]["17"]["algorithms"] == []
-    assert report["overrides"] == TINY
+    assert report["overrides"] == RUN
     assert report["arm_differences"] == [
         "algorithms.blurpool.blur_first: '(absent)' -> True",
         "algorithms.blurpool.filter_size: '(absent)' -> 3",
         "algorithms.blurpool.min_channels: '(absent)' -> 16",
         "algorithms.blurpool.pad_mode: '(absent)' -> 'zeros'",
     ]
+    assert report["delta"]["accuracy"]["verdict"] == "one seed: noise unknown"
     assert {"torch", "mosaicml", "python"} <= set(report["versions"]) and report["machine"]["cpu_count"] >= 1
     markdown = (out / "report.md").read_text()
     assert "| top-1 accuracy |" in markdown and "python -m blurpool_algo.ab" in markdown
     assert "![diagonal stability](stability.png)" in markdown
-    # The same table on the terminal, and a progress line per arm and seed.
-    assert "shift consistency" in result.stdout.split("report in")[-1]
-    assert sum(line.startswith("[ab ") and "running" in line for line in result.stdout.splitlines()) == 4
-    # No temporary file is left behind.
-    assert not [p for p in out.rglob(".*") if p.name != ".."]
+    # The same table on the terminal, and a progress line per run: the baseline reused, the treatment resumed.
+    assert "shift consistency" in stdout.split("report in")[-1]
+    assert "[ab 1/2] baseline seed 17: finished before, reused: tiny-baseline-seed17: top-1 accuracy" in stdout
+    assert "[ab 2/2] treatment seed 17: running" in stdout
+    # No temporary file is left behind, nor the lock's pid record.
+    assert not [p for p in out.rglob(".*")] and not (out / "lock.json").exists()
 
 
-def test_both_arms_start_from_the_same_seed(finished):
-    out, _ = finished
-    logs = {arm: (out / "runs" / f"{arm}-seed17.json") for arm in ("baseline", "treatment")}
-    names = {arm: json.loads(path.read_text())["run_name"] for arm, path in logs.items()}
-    assert names == {"baseline": "tiny-baseline-seed17", "treatment": "tiny-treatment-seed17"}
+def test_sigterm_stops_the_run_and_its_children_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    # This process is the runner; its run is a stand-in that starts a child of its own (as a launcher starts ranks).
+    grandchild = "import time; time.sleep(300)"
+    spawner = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(300)"
+    run = [sys.executable, "-c", spawner]
+    monkeypatch.setattr(ab, "_train_command", lambda plan, arm, seed, summary: run)
+    out = tmp_path / "stopped"
+    seen: dict = {}
 
+    def stop_once_the_run_is_up() -> None:
+        while "run" not in seen:
+            pids = json.loads((out / "lock.json").read_text()) if (out / "lock.json").exists() else {}
+            if pids.get("run") and len([p for p in _processes() if _group_of(p) == pids["run"]]) == 2:
+                seen["run"] = pids["run"]
+                seen["group"] = [p for p in _processes() if _group_of(p) == pids["run"]]
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill PID` or a scheduler's preemption sends the runner
 
-def test_interrupted_then_resumed_gives_the_same_report(finished, tmp_path):
-    reference = json.loads((finished[0] / "report.json").read_text())
-    out = tmp_path / "tiny"
-    process = subprocess.Popen(ab_command(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = out / "runs" / "baseline-seed17.json"
-    deadline = time.monotonic() + 300
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert first.exists(), process.communicate()[1][-3000:]
-    process.send_signal(signal.SIGTERM)  # interrupted while the second run trains
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "rerun the same command to resume" in stderr
+    stopper = threading.Thread(target=stop_once_the_run_is_up, daemon=True)
+    stopper.start()
+    code, _, stderr = run_in_process(ab_argv(out), capsys)
+    stopper.join(timeout=60)
+    assert code == 130 and "rerun the same command to resume" in stderr
+    assert not any(alive(pid) for pid in seen["group"])
     assert not any((out / name).exists() for name in REPORT)
-    kept = first.read_text()
-    resumed = run_ab(out)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "[ab 1/4] baseline seed 17: finished before, reused" in resumed.stdout
-    assert first.read_text() == kept
+
+
+def _processes() -> list[int]:
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit()]
+
+
+def test_sigkill_of_the_runner_kills_its_run_and_a_second_runner_is_refused_meanwhile(finished):
+    code, stderr = finished[2]["refused"]
+    seen = finished[2]
+    assert code == 2 and "is in use by an A/B that is still running (runner pid" in stderr
+    assert f"run pid {seen['killed_run']}" in stderr
+    assert not seen["run_alive_after_kill"]
+
+
+def test_after_the_kill_the_partial_checkpoint_is_set_aside_and_every_attempt_logged(finished):
+    out, _, seen = finished
+    aside = [p.name for p in (out / "checkpoints" / "treatment-seed17" / "incomplete").iterdir()]
+    assert [name.split(".pt.")[0] + ".pt" for name in aside] == [seen["partial"]]
+    log = (out / "runs" / "treatment-seed17.log").read_text()
+    assert log.count("===== ") == 2  # the killed attempt and the one that finished
+    assert "set aside incomplete checkpoint" in log
+
+
+def test_the_resumed_report_equals_an_uninterrupted_run(finished):
+    from blurpool_algo.config import load_recipe, run_recipe
+
+    out, _, _ = finished
     report = json.loads((out / "report.json").read_text())
-    for arm in ("baseline", "treatment"):
-        for metric in ("accuracy", "shift_consistency"):
-            assert report["arms"][arm][metric]["values"] == reference["arms"][arm][metric]["values"], (arm, metric)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        overrides = [*TINY, "max_duration=8ba", "seed=17", "run_name=reference"]
+        reference = run_recipe(load_recipe(QUICKSTART, overrides))
+    finally:
+        torch.set_num_threads(threads)
+    assert report["arms"]["treatment"]["accuracy"]["values"] == [reference.accuracy]
+    assert report["arms"]["treatment"]["shift_consistency"]["values"] == [reference.shift_consistency["crop"]]
 
 
-def test_a_failing_arm_names_itself_and_leaves_no_report(tmp_path):
-    broken = tmp_path / "broken_treatment.yaml"
-    # inception_v3 passes the recipe check but cannot run on 32 px images: the failure comes mid-run.
-    broken.write_text(TREATMENT.read_text().replace("name: resnet10", "name: inception_v3"))
+# ------------------------------------------------------------------------------------- refusals, failures, divergence
+
+
+def test_an_out_folder_of_another_ab_is_refused(finished, capsys):
+    out, _, _ = finished
+    code, _, stderr = run_in_process(ab_argv(out, "optimizer.lr=0.2"), capsys)
+    assert code == 2 and "holds an A/B with other recipes, overrides" in stderr
+
+
+def test_a_changed_package_default_or_version_refuses_the_old_folder(finished, monkeypatch):
+    out, _, _ = finished
+    args = argparse.ArgumentParser().parse_args([])
+    args.baseline, args.treatment, args.seeds, args.out, args.nproc = QUICKSTART_BASELINE, QUICKSTART, "1", out, 1
+    args.overrides, args.argv = RUN, []
+    ab.make_plan(args)  # control: the same A/B resumes
+    from blurpool_algo.algorithm import BlurPool
+
+    # As if a release changed the default of an option the recipes do not set.
+    init = BlurPool.__init__
+    names = [p.name for p in inspect.signature(init).parameters.values() if p.default is not inspect.Parameter.empty]
+    with monkeypatch.context() as patch:
+        if init.__kwdefaults__ and "replace_avgpools" in init.__kwdefaults__:
+            patch.setattr(init, "__kwdefaults__", {**init.__kwdefaults__, "replace_avgpools": True})
+        else:
+            defaults = zip(names, init.__defaults__, strict=True)
+            patch.setattr(init, "__defaults__", tuple(name == "replace_avgpools" or value for name, value in defaults))
+        assert BlurPool().replace_avgpools is True
+        with pytest.raises(ABError, match="holds an A/B with other algorithm_options"):
+            ab.make_plan(args)
+    with monkeypatch.context() as patch:
+        patch.setattr("blurpool_algo.__version__", "99.0")
+        with pytest.raises(ABError, match="other package_version"):
+            ab.make_plan(args)
+
+
+def test_a_failing_arm_names_itself_and_leaves_no_report(tmp_path, capsys, monkeypatch):
+    # A stand-in run that fails at once: the runner's handling is what is tested, not a model's failure.
+    fail = [sys.executable, "-c", "import sys; print('step 1'); print('the model broke', file=sys.stderr); sys.exit(7)"]
+    monkeypatch.setattr(ab, "_train_command", lambda plan, arm, seed, summary: fail)
     out = tmp_path / "failing"
-    result = run_ab(out, treatment=broken)
-    assert result.returncode == 1
-    assert "the treatment arm failed for seed 17" in result.stderr and "treatment-seed17.log" in result.stderr
+    code, _, stderr = run_in_process(ab_argv(out), capsys)
+    assert code == 1
+    assert "the baseline arm failed for seed 17 (exit code 7)" in stderr and "the model broke" in stderr
+    assert "baseline-seed17.log" in stderr
     assert not any((out / name).exists() for name in REPORT)
-    assert (out / "runs" / "baseline-seed17.json").exists()  # the finished run is kept for a resume
+    # The lock is released: the same folder takes the next attempt at once.
+    assert run_in_process(ab_argv(out), capsys)[0] == 1
 
 
-def test_bad_recipe_path_is_an_error_before_any_run(tmp_path):
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_bad_recipe_path_is_an_error_before_any_run(tmp_path, capsys):
     out = tmp_path / "never"
-    result = run_ab(out, baseline=tmp_path / "missing.yaml")
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: -f: recipe file not found: {tmp_path / 'missing.yaml'}"
+    code, _, stderr = run_in_process(ab_argv(out, baseline=tmp_path / "missing.yaml"), capsys)
+    assert code == 2
+    assert stderr.strip() == f"error: -f: recipe file not found: {tmp_path / 'missing.yaml'}"
     assert not out.exists()
 
 
-def test_an_out_folder_of_another_ab_is_refused(finished):
-    out, _ = finished
-    result = run_ab(out, "optimizer.lr=0.2")
-    assert result.returncode == 2 and "holds an A/B of other recipes, overrides or seeds" in result.stderr
+def test_a_diverged_run_exits_3_and_its_summary_says_so(tmp_path, capsys):
+    from blurpool_algo.train import DIVERGED_EXIT, main
+
+    summary = tmp_path / "summary.json"
+    lr = ["optimizer.lr=1e12", "scheduler.warmup=0ba"]  # the issue's case: the loss goes NaN at the second batch
+    code = main(["-f", str(QUICKSTART), *TINY, "max_duration=2ba", *lr, "--summary-json", str(summary)])
+    assert code == DIVERGED_EXIT == 3
+    written = json.loads(summary.read_text())
+    assert written["diverged"] is True and written["shift_consistency"] == {}
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "DIVERGED at batch" in line and not re.search(r"\d %", line)  # no accuracy or consistency figure
+
+
+def test_a_diverged_arm_is_shown_as_diverged_never_as_a_number(tmp_path):
+    def summary(accuracy: float, consistency: float, diverged: bool) -> dict:
+        return {"run_name": "r", "accuracy": accuracy, "wall_time": 1.0, "algorithms": [], "diverged": diverged,
+                "shift_consistency": {} if diverged else {"crop": consistency},
+                "throughput": {"samples_per_sec": 321.0, "peak_memory_bytes": 3 * 2**20}}  # fmt: skip
+
+    plan = ab.Plan(QUICKSTART_BASELINE, QUICKSTART, [17, 18], [], tmp_path, resolved={"baseline": {}, "treatment": {}})
+    results = {
+        "baseline": {17: summary(90.0, 95.0, False), 18: summary(91.0, 96.0, False)},
+        "treatment": {17: summary(10.0, 100.0, True), 18: summary(92.0, 97.0, False)},
+    }
+    report = ab.build_report(plan, results)
+    assert report["diverged"] == {"baseline": [], "treatment": [17]}
+    treatment = report["arms"]["treatment"]["accuracy"]
+    assert treatment["mean"] is None and treatment["values"] == [None, 92.0] and treatment["diverged_seeds"] == [17]
+    rows = ab.table_rows(report)
+    for row in rows[1:]:
+        assert row[2] == "diverged (seed 17)" and row[3] == "n/a" and row[4] == "n/a: the treatment arm diverged"
+        assert not any(char.isdigit() for char in row[2].replace("17", ""))
+    markdown = ab.markdown_report(report)
+    assert "| top-1 accuracy | 90.00, 91.00 | diverged, 92.00 |" in markdown
+    assert "10.00" not in markdown and "100.00" not in markdown
+    # Control: the same results without the divergence show numbers.
+    results["treatment"][17] = summary(10.0, 100.0, False)
+    assert ab.table_rows(ab.build_report(plan, results))[1][2] == "51.00 ± 57.98 %"
 
 
 # --------------------------------------------------------------------------------------------------------- units
@@ -173,6 +371,9 @@ def test_noise_verdict_agrees_with_scipys_welch_test(baseline, treatment):
     assert verdict["t"] == pytest.approx(reference.statistic)
     assert verdict["beyond_noise"] == (reference.pvalue < 0.05)
     assert verdict["difference"] == pytest.approx(statistics.fmean(treatment) - statistics.fmean(baseline))
+    described = describe_values(treatment)
+    assert described["mean"] == pytest.approx(statistics.fmean(treatment))
+    assert described["std"] == pytest.approx(statistics.stdev(treatment))
 
 
 def test_noise_verdict_with_one_seed_or_no_spread():
