@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blurpool_algo.train import DIE_WITH_PARENT_ENV, DIVERGED_EXIT, TRUST_FLAG_HELP, die_with_parent
+
 ARMS: tuple[str, ...] = ("baseline", "treatment")
 #: The metrics of the report: key -> (label, unit, higher is better).
 METRICS: dict[str, tuple[str, str, bool]] = {
@@ -73,15 +75,14 @@ class Plan:
     nproc: int = 1
     command: str = ""
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Arm -> algorithm name -> every option of the algorithm as built, defaults included.
+    algorithm_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def recipe(self, arm: str) -> Path:
         return self.baseline if arm == "baseline" else self.treatment
 
     def run_json(self, arm: str, seed: int) -> Path:
         return self.out / "runs" / f"{arm}-seed{seed}.json"
-
-    #: Arm -> algorithm name -> every option of the algorithm as built, defaults included.
-    algorithm_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a rerun to resume this A/B rather than mix two different ones: the resolved recipes,
@@ -124,7 +125,9 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(item) for item in value]
     if isinstance(value, dict):
         return {str(key): _jsonable(item) for key, item in value.items()}
-    return repr(value)
+    text = repr(value)
+    # An object without a repr of its own shows its address, which differs in every process: name its type instead.
+    return type(value).__qualname__ if " at 0x" in text else text
 
 
 def effective_options(algorithm: Any) -> dict[str, Any]:
@@ -311,7 +314,6 @@ def run_all(plan: Plan, log=print) -> dict[str, dict[int, dict[str, Any]]]:
     A run diverged (its summary says so, exit code 3) counts as finished: the report shows it as diverged.
     """
     from blurpool_algo.config import describe_run
-    from blurpool_algo.train import DIE_WITH_PARENT_ENV, DIVERGED_EXIT, die_with_parent
 
     (plan.out / "runs").mkdir(parents=True, exist_ok=True)
     with _Lock(plan.out) as lock:
@@ -667,9 +669,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="3", help="a count (3: seeds 17, 18, 19) or a list (1,5,9); default 3")
     parser.add_argument("--out", default="runs/ab", help="the A/B's folder (default runs/ab)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run, through Composer's launcher")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
     parser.add_argument("overrides", nargs="*", help="dotted overrides for both arms, e.g. max_duration=2ep")
     args = parser.parse_intermixed_args(argv)
     args.argv = argv
+    if args.trust_checkpoint:
+        args.overrides.append("trust_checkpoint=true")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         plan = make_plan(args)

@@ -39,7 +39,13 @@ from omegaconf.errors import OmegaConfBaseException
 from blurpool_algo import checkpoints, data
 from blurpool_algo.algorithm import BlurPool
 from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor, network_of
-from blurpool_algo.metrics import DiagonalStability, diagonal_stability, plot_diagonal_stability, shift_consistency
+from blurpool_algo.metrics import (
+    DiagonalStability,
+    NonFiniteLogitsError,
+    diagonal_stability,
+    plot_diagonal_stability,
+    shift_consistency,
+)
 from blurpool_algo.models import build_model, model_names, unknown_model_message
 from blurpool_algo.surgery import child_name_roots, unmatched_exclude_patterns
 
@@ -449,14 +455,15 @@ def _check_saving(recipe: Recipe) -> None:
     """Checkpoint settings that would keep nothing, and a folder that cannot be written, are errors now."""
     if recipe.save_num_checkpoints_to_keep == 0 or recipe.save_num_checkpoints_to_keep < -1:
         raise RecipeError(
-            "save_num_checkpoints_to_keep", f"{recipe.save_num_checkpoints_to_keep} would keep no checkpoint; write "
-            "-1 to keep them all, or N >= 1 to keep the newest N",
+            "save_num_checkpoints_to_keep", f"{recipe.save_num_checkpoints_to_keep} is not a number of checkpoints "
+            "to keep (0 would keep none); write -1 to keep them all, or N >= 1 to keep the newest N",
         )  # fmt: skip
     folder = save_folder(recipe)
     if folder is None:
         return
-    # The nearest folder that exists must take a new file: a read-only or full file system fails now, not at the
-    # first checkpoint hours in. Placeholders Composer fills per rank ({rank}) stop the walk at their parent.
+    # The nearest folder that exists must take a new file: a read-only file system, or a path that cannot exist,
+    # fails now rather than at the first checkpoint, hours in. A placeholder Composer fills later ({rank}) stops the
+    # walk at its parent. (A full disk still takes an empty file: that case is caught when a write fails.)
     existing = os.path.abspath(folder.split("{", 1)[0] or ".")
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
@@ -895,6 +902,8 @@ def evaluate_recipe(
             crop = shift_consistency(network, loader, mode="crop", seed=seed, **common)
             circular = shift_consistency(network, loader, mode="circular", seed=seed, **common)
             stability = diagonal_stability(network, loader, step=step, **common)
+    except NonFiniteLogitsError as error:
+        raise RecipeError("load_path", f"{recipe.load_path} holds a diverged model: {error}") from None
     finally:
         trainer.close()
     evaluation = Evaluation(

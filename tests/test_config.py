@@ -126,7 +126,7 @@ def test_twins_differ_only_in_algorithms(family, treatment, imagenet_tree):
         (["scheduler.milestones=[1ep,soon]"], "scheduler.milestones[1]", "not a time this key takes"),
         (["save_interval=0ba", "save_folder=/tmp/x"], "save_interval", "must be > 0"),
         (["save_interval=-1ba", "save_folder=/tmp/x"], "save_interval", "must be > 0"),
-        (["save_num_checkpoints_to_keep=0"], "save_num_checkpoints_to_keep", "-1 to keep them all"),
+        (["save_num_checkpoints_to_keep=0"], "save_num_checkpoints_to_keep", "(0 would keep none); write -1 to keep them all"),
         (["save_folder=/proc/blurpool-algo-test"], "save_folder", "cannot write checkpoints under /proc"),
         (["precision=amp_bf16", "device=cpu"], "precision", "needs a GPU; on cpu use fp32"),
         (["precision=amp_fp16", "device=cpu"], "precision", "needs a GPU"),
@@ -173,7 +173,9 @@ def test_exclude_patterns_that_name_modules_pass_the_check(pattern):
 def test_a_save_folder_on_a_read_only_file_system_is_a_recipe_error(tmp_path):
     mount = tmp_path / "read-only"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
         pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN; /proc stands in above (save_folder=/proc/...)")
     try:
         error = _error(QUICKSTART, [f"save_folder={mount}/runs/{{run_name}}"])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import QUICKSTART, QUICKSTART_BASELINE, ROOT, TINY
 
 from blurpool_algo.config import RecipeError, evaluate_recipe, load_recipe, run_recipe
@@ -70,6 +71,16 @@ def test_incompatible_checkpoint_or_protocol_is_a_one_line_error(trained, overri
     with pytest.raises(RecipeError) as caught:
         evaluate_recipe(recipe, **options)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_diverged_checkpoint_is_an_error_not_a_perfect_consistency(trained, tmp_path):
+    from blurpool_algo.checkpoints import load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(trained[0])
+    checkpoint["state"]["model"]["module.fc.weight"].fill_(float("nan"))
+    torch.save(checkpoint, tmp_path / "diverged.pt")
+    with pytest.raises(RecipeError, match=r"diverged\.pt holds a diverged model: 16 of 16 images got NaN"):
+        evaluate_recipe(load_recipe(BLURPOOL, [*FAST, f"load_path={tmp_path / 'diverged.pt'}"]))
 
 
 def test_not_a_checkpoint_and_no_checkpoint(tmp_path):
