@@ -126,7 +126,7 @@ def test_twins_differ_only_in_algorithms(family, treatment, imagenet_tree):
         (["scheduler.milestones=[1ep,soon]"], "scheduler.milestones[1]", "not a time this key takes"),
         (["save_interval=0ba", "save_folder=/tmp/x"], "save_interval", "must be > 0"),
         (["save_interval=-1ba", "save_folder=/tmp/x"], "save_interval", "must be > 0"),
-        (["save_num_checkpoints_to_keep=0"], "save_num_checkpoints_to_keep", "(0 would keep none); write -1 to keep them all"),
+        (["save_num_checkpoints_to_keep=0"], "save_num_checkpoints_to_keep", "(0 would keep none); write -1 to keep"),
         (["save_folder=/proc/blurpool-algo-test"], "save_folder", "cannot write checkpoints under /proc"),
         (["precision=amp_bf16", "device=cpu"], "precision", "needs a GPU; on cpu use fp32"),
         (["precision=amp_fp16", "device=cpu"], "precision", "needs a GPU"),
