@@ -752,25 +752,26 @@ def run_recipe(
         trainer_hook(trainer)
     trainer.fit()
     callbacks = trainer.state.callbacks
+    diverged, diverged_at_batch = _divergence(trainer)
+    loaders = [trainer.state.train_dataloader, *(e.dataloader.dataloader for e in trainer.state.evaluators)]
     summary = RunSummary(
         run_name=trainer.state.run_name,
         accuracy=_top1(trainer),
         wall_time=time.perf_counter() - started,
         algorithms=[type(a).__name__ for a in trainer.state.algorithms],
+        # A diverged model's consistency means nothing (NaN logits would all agree): none is reported.
         shift_consistency={
             c.mode: c.last_value
             for c in callbacks
-            if isinstance(c, ShiftConsistencyMonitor) and c.last_value is not None
+            if isinstance(c, ShiftConsistencyMonitor) and c.last_value is not None and not diverged
         },
         throughput=next((dict(c.summary) for c in callbacks if isinstance(c, ThroughputMonitor) and c.summary), {}),
         history=history.series,
+        diverged=diverged,
+        diverged_at_batch=diverged_at_batch,
+        bad_images=sum(data.bad_image_count(loader) for loader in loaders if loader is not None),
     )
-    summary.diverged, summary.diverged_at_batch = _divergence(trainer)
-    loaders = [trainer.state.train_dataloader, *(e.dataloader.dataloader for e in trainer.state.evaluators)]
-    summary.bad_images = sum(data.bad_image_count(loader) for loader in loaders if loader is not None)
-    if summary.diverged:
-        summary.shift_consistency = {}
-    elif stability:
+    if stability and not diverged:
         summary.stability = _final_stability(trainer)
     trainer.close()
     return summary

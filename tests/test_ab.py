@@ -33,6 +33,7 @@ from scipy import stats
 
 from blurpool_algo import ab
 from blurpool_algo.ab import ABError, compare, describe_values, parse_seeds
+from blurpool_algo.checkpoints import checkpoint_file_status
 
 # One worker runs the whole module, so its trained fixture is built once.
 pytestmark = pytest.mark.xdist_group("ab")
@@ -102,8 +103,8 @@ def finished(tmp_path_factory):
 
     # 1. SIGKILL, which the runner never sees, once the treatment has checkpointed; a second runner is refused first.
     started = time.time()
-    second = start_runner(out)
-    wait_for(treatment_started, second, "the treatment run, again")
+    runner = start_runner(out)
+    wait_for(treatment_started, runner, "the treatment run")
     seen["killed_run"] = seen["run"]
     handler = signal.getsignal(signal.SIGTERM)
     refused = io.StringIO()
@@ -111,19 +112,24 @@ def finished(tmp_path_factory):
         seen["refused"] = (ab.main(ab_argv(out)), refused.getvalue())
     signal.signal(signal.SIGTERM, handler)
     latest = checkpoints / "latest-rank0.pt"
-    wait_for(lambda: latest.exists() and latest.stat().st_mtime > started, second, "a checkpoint of this attempt")
-    second.send_signal(signal.SIGKILL)
-    second.communicate(timeout=60)
+    wait_for(lambda: latest.exists() and latest.stat().st_mtime > started, runner, "the treatment run's checkpoint")
+    runner.send_signal(signal.SIGKILL)
+    runner.communicate(timeout=60)
     deadline = time.monotonic() + 30
     while alive(seen["killed_run"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     seen["run_alive_after_kill"] = alive(seen["killed_run"])
-    # A crash in the middle of a checkpoint write leaves the newest file partial: the kill may have made one, or not.
-    latest = checkpoints / os.readlink(checkpoints / "latest-rank0.pt")
-    partial = checkpoints / latest.name.replace(f"-ba{latest.name.split('-ba')[1].split('-')[0]}-", "-ba99-")
-    partial = next((p for p in checkpoints.glob("ep*-rank0.pt") if p.stat().st_mtime > latest.stat().st_mtime), partial)
-    if not partial.exists():
-        partial.write_bytes(latest.read_bytes()[:4096])
+
+    # A kill in the middle of a checkpoint write leaves the newest file partial. This kill may have landed between
+    # writes: then the next checkpoint is made partial here, as such a kill would have left it.
+    def batch(path: Path) -> int:
+        return int(path.name.split("-ba")[1].split("-")[0])
+
+    files = sorted(checkpoints.glob("ep*-rank0.pt"), key=batch)
+    partial = next((p for p in files if checkpoint_file_status(p) == "incomplete"), None)
+    if partial is None:
+        partial = checkpoints / f"ep0-ba{batch(files[-1]) + 1}-rank0.pt"
+        partial.write_bytes(files[-1].read_bytes()[:4096])
     seen["partial"] = partial.name
 
     # 2. The same command, once more, resumes and finishes (this runner in this process; its runs are children).
