@@ -40,10 +40,12 @@ def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
     return model_weights(folder / FINAL)
 
 
-def _child(folder: Path, marker: Path) -> subprocess.Popen:
+def _child(folder: Path, marker: Path, log: Path) -> subprocess.Popen:
     command = [sys.executable, str(CHILD), "ep0-ba3-rank0.pt", str(marker), str(torch.get_num_threads()), "--",
                "-f", str(QUICKSTART), *_overrides(folder)]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its output to a file: an unread pipe could fill and stop the child before it reaches the checkpoint.
+    with open(log, "w") as stream:
+        return subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT)
 
 
 def _resumes_to_the_same_weights(folder: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
@@ -59,14 +61,14 @@ def _resumes_to_the_same_weights(folder: Path, uninterrupted: dict[str, torch.Te
 
 
 def test_sigkill_during_a_checkpoint_write(tmp_path, uninterrupted):
-    folder, marker = tmp_path / "run", tmp_path / "writing"
-    child = _child(folder, marker)
+    folder, marker, log = tmp_path / "run", tmp_path / "writing", tmp_path / "child.log"
+    child = _child(folder, marker, log)
     deadline = time.monotonic() + 120
     while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert marker.exists(), child.communicate()[1][-3000:]
+    assert marker.exists(), log.read_text()[-3000:]
     child.send_signal(signal.SIGKILL)
-    child.communicate()
+    child.wait()
     assert child.returncode == -signal.SIGKILL
     _resumes_to_the_same_weights(folder, uninterrupted)
 
