@@ -1,8 +1,8 @@
 """Argument checks shared by every module: one helper per kind of argument, one message style.
 
 Each helper returns the value it accepted (so a caller writes ``self.size = check_int("size", size, minimum=1)``) and
-raises ``ValueError`` with one line: ``"<name> must be <what is allowed>[ (<hint>)], got <value!r>"``. ``bool`` is not
-an int here: ``True`` passed as a size is a mistake, not 1. Torch only; no Composer.
+raises :class:`CheckError` (a ``ValueError``) with one line, ``"<name> must be <allowed>[ (<hint>)], got <value!r>"``.
+``bool`` is not an int here: ``True`` passed as a size is a mistake, not 1. Standard library only.
 
 Example:
     >>> check_int("window_size", 50, minimum=1)
@@ -21,14 +21,26 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_int_or_pair", "fail"]
+__all__ = ["CheckError", "check_bool", "check_choice", "check_float", "check_int", "check_int_or_pair", "fail"]
 
 _Choice = TypeVar("_Choice")
 
 
-def fail(name: str, allowed: str, value: Any, hint: str = "") -> ValueError:
+class CheckError(ValueError):
+    """A refused argument: ``str()`` is ``"<name> <requirement>"``; both parts are attributes, so a caller that names
+    the argument its own way (a recipe key, a CLI flag) reuses ``requirement`` instead of parsing the text."""
+
+    def __init__(self, name: str, requirement: str) -> None:
+        self.name, self.requirement = name, requirement
+        super().__init__(f"{name} {requirement}")
+
+    def __reduce__(self):  # picklable across processes (a DataLoader worker's error reaches the main process)
+        return type(self), (self.name, self.requirement)
+
+
+def fail(name: str, allowed: str, value: Any, hint: str = "") -> CheckError:
     """The one message style: ``"<name> must be <allowed>[ (<hint>)], got <value!r>"``, as an error to raise."""
-    return ValueError(f"{name} must be {allowed}{f' ({hint})' if hint else ''}, got {value!r}")
+    return CheckError(name, f"must be {allowed}{f' ({hint})' if hint else ''}, got {value!r}")
 
 
 def _is_int(value: Any) -> bool:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from blurpool_algo.checks import check_bool, check_choice, check_float, check_int, check_int_or_pair, fail
+from blurpool_algo.checks import CheckError, check_bool, check_choice, check_float, check_int, check_int_or_pair, fail
 
 #: The one message style: "<name> must be <allowed>[ (<hint>)], got <value!r>".
 STYLE = re.compile(r"^(?P<name>\S+) must be (?P<allowed>.+?)(?: \((?P<hint>[^()]*)\))?, got (?P<got>.+)$")
@@ -107,3 +107,14 @@ def test_check_choice_does_not_confuse_equal_values_of_other_types():
 
 def test_fail_is_the_style_itself():
     assert str(fail("x", "an int", 2.5, "a count")) == "x must be an int (a count), got 2.5"
+
+
+def test_the_error_keeps_name_and_requirement_apart_for_callers_that_name_the_argument_otherwise():
+    import pickle
+
+    with pytest.raises(CheckError) as error:
+        check_int("train_batch_size", 0, minimum=1)
+    assert (error.value.name, error.value.requirement) == ("train_batch_size", "must be an int >= 1, got 0")
+    assert isinstance(error.value, ValueError)
+    copy = pickle.loads(pickle.dumps(error.value))
+    assert (type(copy), str(copy), copy.requirement) == (CheckError, str(error.value), error.value.requirement)
