@@ -10,7 +10,7 @@ Example:
     >>> check_int("window_size", 0, minimum=1, hint="batches to average over")
     Traceback (most recent call last):
     ...
-    ValueError: window_size must be an int >= 1 (batches to average over), got 0
+    blurpool_algo.checks.CheckError: window_size must be an int >= 1 (batches to average over), got 0
     >>> check_choice("mode", "circular", ("crop", "circular"))
     'circular'
 """
