@@ -26,8 +26,6 @@ from blurpool_algo.data import (
     MNIST5K_STD,
     MNIST5k,
     TooManyBadImagesError,
-    _mnist5k_raw,
-    _mnist5k_split_cached,
     bad_image_count,
     build_consistency_dataloader,
     build_dataloaders,
@@ -37,6 +35,7 @@ from blurpool_algo.data import (
     mnist5k_split,
     num_classes,
 )
+from blurpool_algo.data.mnist5k import _mnist5k_raw, _mnist5k_split_cached
 
 # The standard ImageNet statistics, typed from torchvision's documentation.
 MEAN = (0.485, 0.456, 0.406)
