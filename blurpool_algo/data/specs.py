@@ -25,7 +25,7 @@ import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from blurpool_algo.checks import check_choice, check_int
+from blurpool_algo.checks import CheckError, check_choice, check_int
 from blurpool_algo.metrics.protocol import CONSISTENCY_MODES, ConsistencyProtocol
 
 __all__ = ["DEFAULT_MAX_BAD_IMAGES", "DataError", "DataOptions", "DatasetSpec", "build_sampler"]
@@ -58,10 +58,9 @@ class DataError(ValueError):
 def checked(key: str, check: Callable[..., _Value], value: Any, *args: Any, **kwargs: Any) -> _Value:
     """``check(value, ...)`` from :mod:`blurpool_algo.checks`, its refusal as a :class:`DataError` under ``key``."""
     try:
-        # The checks' one message style is "<name> must be ...": with no name, it is the requirement alone.
-        return check("", value, *args, **kwargs)
-    except ValueError as error:
-        raise DataError(key, str(error).strip()) from None
+        return check(key, value, *args, **kwargs)
+    except CheckError as error:
+        raise DataError(key, error.requirement) from None
 
 
 @dataclass(frozen=True)
