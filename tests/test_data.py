@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -24,18 +26,18 @@ from blurpool_algo.data import (
     EMBEDDED_DATASET,
     MNIST5K_MEAN,
     MNIST5K_STD,
+    DataError,
+    DataOptions,
     MNIST5k,
     TooManyBadImagesError,
     bad_image_count,
-    build_consistency_dataloader,
-    build_dataloaders,
     build_sampler,
-    check_data,
+    dataset_spec,
     load_mnist5k,
     mnist5k_split,
-    num_classes,
 )
 from blurpool_algo.data.mnist5k import _mnist5k_raw, _mnist5k_split_cached
+from blurpool_algo.metrics import ConsistencyProtocol
 
 # The standard ImageNet statistics, typed from torchvision's documentation.
 MEAN = (0.485, 0.456, 0.406)
@@ -86,7 +88,7 @@ def _single_process(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# check_data / num_classes
+# the registry, DataOptions, check / num_classes
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -96,10 +98,31 @@ def _one_line_error(excinfo: pytest.ExceptionInfo) -> str:
     return message
 
 
+def _check(name, root) -> None:
+    dataset_spec(name).check(DataOptions(root=root))
+
+
+def _num_classes(name, root) -> int | None:
+    return dataset_spec(name).num_classes(DataOptions(root=root))
+
+
+def _loaders(name: str, *, train_batch_size: int, eval_batch_size: int, **options):
+    spec = dataset_spec(name)
+    return spec.loaders(DataOptions(**options), train_batch_size=train_batch_size, eval_batch_size=eval_batch_size)
+
+
+def _framed(name: str, *, side: int, batch_size: int, max_shift: int = 8, **options):
+    """The consistency loader of ``name`` for ``side - max_shift`` px crops shifted by up to ``max_shift``."""
+    spec, data_options = dataset_spec(name), DataOptions(**options)
+    protocol = spec.consistency_protocol(data_options, max_shift=max_shift, crop_size=side - max_shift)
+    assert protocol.frame_size == side
+    return spec.consistency_loader(data_options, protocol, batch_size=batch_size)
+
+
 @pytest.mark.parametrize("name", ["imagenet1k", "MNIST5k", "", None, "cifar10"])
 def test_check_data_unknown_name(name):
     with pytest.raises(ValueError) as excinfo:
-        check_data(name, None)
+        _check(name, None)
     message = _one_line_error(excinfo)
     assert "data.name" in message
     for allowed in ("imagenet", "mnist5k", "synthetic"):
@@ -112,15 +135,15 @@ def test_dataset_names():
 
 
 def test_check_data_valid_tree(tree):
-    check_data("imagenet", str(tree))
-    check_data("imagenet", tree)
-    assert num_classes("imagenet", str(tree)) == 2
+    _check("imagenet", str(tree))
+    _check("imagenet", tree)
+    assert _num_classes("imagenet", str(tree)) == 2
 
 
 def test_check_data_root_unset():
     for root in (None, ""):
         with pytest.raises(ValueError) as excinfo:
-            check_data("imagenet", root)
+            _check("imagenet", root)
         message = _one_line_error(excinfo)
         assert "data.root" in message and "imagenet" in message
 
@@ -198,7 +221,7 @@ BREAKERS = [
 def test_check_data_bad_tree(tree, breaker):
     root = breaker(tree)
     with pytest.raises(ValueError) as excinfo:
-        check_data("imagenet", str(root))
+        _check("imagenet", str(root))
     message = _one_line_error(excinfo)
     assert "data.root" in message
     assert str(root) in message
@@ -207,7 +230,7 @@ def test_check_data_bad_tree(tree, breaker):
 def test_check_data_names_the_offending_class(tree):
     _break_val_classes_differ(tree)
     with pytest.raises(ValueError, match="b_white") as excinfo:
-        check_data("imagenet", tree)
+        _check("imagenet", tree)
     assert "c_other" in str(excinfo.value)
 
 
@@ -217,23 +240,23 @@ def test_check_data_images_in_subfolders_count(tree):
     for image in list(nested.iterdir()):
         image.rename(tree / f"moved-{image.name}")
     _write_image(nested / "deeper" / "x.png", (20, 20), WHITE)
-    check_data("imagenet", tree)
+    _check("imagenet", tree)
 
 
 @pytest.mark.parametrize("name", ["mnist5k", "synthetic"])
 def test_check_data_other_datasets_ignore_root(name, tmp_path):
     for root in (None, str(tmp_path / "nowhere"), "relative/path"):
-        check_data(name, root)
+        _check(name, root)
 
 
 def test_num_classes_of_each_dataset(tree):
-    assert num_classes("mnist5k", None) == 10
-    assert num_classes("synthetic", None) is None
-    assert num_classes("imagenet", tree) == 2
+    assert _num_classes("mnist5k", None) == 10
+    assert _num_classes("synthetic", None) is None
+    assert _num_classes("imagenet", tree) == 2
     with pytest.raises(ValueError, match=r"data\.name"):
-        num_classes("nope", None)
+        _num_classes("nope", None)
     with pytest.raises(ValueError, match=r"data\.root"):
-        num_classes("imagenet", None)
+        _num_classes("imagenet", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -248,7 +271,7 @@ def _all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("image_size", [None, 64])
 def test_imagenet_loaders_shapes_labels_and_normalization(tree, image_size):
-    train, val = build_dataloaders(
+    train, val = _loaders(
         "imagenet", root=str(tree), train_batch_size=3, eval_batch_size=4, num_workers=0, seed=0, image_size=image_size
     )
     side = image_size or 224
@@ -278,7 +301,7 @@ def test_imagenet_eval_is_resize_then_center_crop(tmp_path, image_size, resize, 
     (root / "val" / "a_grey" / "0.png").unlink()
     Image.fromarray(pixels).save(root / "val" / "a_grey" / "0.png")
 
-    _, val = build_dataloaders(
+    _, val = _loaders(
         "imagenet", root=root, train_batch_size=2, eval_batch_size=4, num_workers=0, seed=0, image_size=image_size
     )
     got = next(iter(val))[0][0]
@@ -298,7 +321,7 @@ def test_imagenet_train_crops_are_random_and_flipped(tmp_path):
     halves = torch.zeros(120, 160, dtype=torch.uint8)
     halves[:, 80:] = 255
     Image.fromarray(halves.numpy()).convert("RGB").save(root / "train" / "a_grey" / "0.png")
-    train, _ = build_dataloaders(
+    train, _ = _loaders(
         "imagenet", root=root, train_batch_size=6, eval_batch_size=2, num_workers=0, seed=0, image_size=32
     )
     dataset = train.dataset
@@ -315,7 +338,7 @@ def test_imagenet_train_crops_are_random_and_flipped(tmp_path):
 def test_imagenet_loaders_check_the_tree(tree):
     _break_val_classes_differ(tree)
     with pytest.raises(ValueError, match=r"data\.root"):
-        build_dataloaders("imagenet", root=tree, train_batch_size=2, eval_batch_size=2, num_workers=0, seed=0)
+        _loaders("imagenet", root=tree, train_batch_size=2, eval_batch_size=2, num_workers=0, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -366,7 +389,7 @@ def _bad_paths(root: Path, split: str) -> list[str]:
 
 def _imagenet(root: Path, **kwargs):
     options = {"train_batch_size": 2, "eval_batch_size": 3, "num_workers": 0, "seed": 0, "image_size": 32} | kwargs
-    return build_dataloaders("imagenet", root=root, **options)
+    return _loaders("imagenet", root=root, **options)
 
 
 def _skip_warnings(records: list[warnings.WarningMessage]) -> list[str]:
@@ -453,9 +476,7 @@ def test_max_bad_images_zero_is_strict(bad_tree):
 def test_clean_tree_counts_no_bad_image(tmp_path):
     root = _make_bad_tree(tmp_path / "imagenet", with_bad=False)
     train, val = _imagenet(root, max_bad_images=0)
-    consistency = build_consistency_dataloader(
-        "imagenet", root=root, side=40, batch_size=3, num_workers=0, seed=0, max_bad_images=0
-    )
+    consistency = _framed("imagenet", root=root, side=40, batch_size=3, num_workers=0, seed=0, max_bad_images=0)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         assert len(list(train)) == 3
@@ -469,7 +490,7 @@ def test_clean_tree_counts_no_bad_image(tmp_path):
 
 
 def test_consistency_loader_skips_and_counts_unreadable_images(bad_tree):
-    loader = build_consistency_dataloader("imagenet", root=bad_tree, side=40, batch_size=3, num_workers=0, seed=0)
+    loader = _framed("imagenet", root=bad_tree, side=40, batch_size=3, num_workers=0, seed=0)
     with pytest.warns(UserWarning, match="unreadable") as records:
         images, labels = _all_batches(loader)
     assert images.shape == (8, 3, 40, 40) and labels.shape == (8,)
@@ -477,9 +498,7 @@ def test_consistency_loader_skips_and_counts_unreadable_images(bad_tree):
     assert {path for path in _bad_paths(bad_tree, "val") if any(path in str(r.message) for r in records)} == set(
         _bad_paths(bad_tree, "val")
     )
-    strict = build_consistency_dataloader(
-        "imagenet", root=bad_tree, side=40, batch_size=3, num_workers=0, seed=0, max_bad_images=1
-    )
+    strict = _framed("imagenet", root=bad_tree, side=40, batch_size=3, num_workers=0, seed=0, max_bad_images=1)
     with pytest.warns(UserWarning, match="unreadable"), pytest.raises(TooManyBadImagesError, match="max_bad_images=1"):
         _all_batches(strict)
 
@@ -513,13 +532,9 @@ def _loader_error(loader) -> TooManyBadImagesError:
 
 @pytest.mark.parametrize("value", [-1, True, 1.5, "3", None])
 def test_max_bad_images_must_be_a_non_negative_int(bad_tree, value):
-    with pytest.raises(ValueError, match=r"max_bad_images must be an int >= 0") as excinfo:
+    with pytest.raises(DataError, match=r"^data\.max_bad_images: must be an int >= 0") as excinfo:
         _imagenet(bad_tree, max_bad_images=value)
-    assert repr(value) in _one_line_error(excinfo)
-    with pytest.raises(ValueError, match=r"max_bad_images must be an int >= 0"):
-        build_consistency_dataloader(
-            "imagenet", root=bad_tree, side=40, batch_size=3, num_workers=0, seed=0, max_bad_images=value
-        )
+    assert excinfo.value.key == "data.max_bad_images" and repr(value) in _one_line_error(excinfo)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -602,7 +617,7 @@ def test_mnist5k_split_is_fixed(mnist_raw):
 
     # And the loaders of two run seeds evaluate on the same digits, in the same order.
     loaders = [
-        build_dataloaders("mnist5k", root=None, train_batch_size=64, eval_batch_size=500, num_workers=0, seed=seed)
+        _loaders("mnist5k", root=None, train_batch_size=64, eval_batch_size=500, num_workers=0, seed=seed)
         for seed in (0, 1)
     ]
     (x0, y0), (x1, y1) = (_all_batches(val) for _, val in loaders)
@@ -636,7 +651,7 @@ def test_mnist5k_images_layout(mnist_raw, mnist_val):
 
 
 def test_mnist5k_eval_loader_is_deterministic():
-    _, val = build_dataloaders("mnist5k", root=None, train_batch_size=64, eval_batch_size=128, num_workers=0, seed=3)
+    _, val = _loaders("mnist5k", root=None, train_batch_size=64, eval_batch_size=128, num_workers=0, seed=3)
     torch.manual_seed(0)
     first = _all_batches(val)
     torch.manual_seed(1)
@@ -684,7 +699,7 @@ def test_mnist5k_shifts_follow_torch_rng(mnist_train):
 
 
 def test_mnist5k_train_loader():
-    train, _ = build_dataloaders("mnist5k", root=None, train_batch_size=64, eval_batch_size=64, num_workers=0, seed=0)
+    train, _ = _loaders("mnist5k", root=None, train_batch_size=64, eval_batch_size=64, num_workers=0, seed=0)
     batches = list(train)
     assert len(batches) == 4000 // 64  # the last partial batch is dropped
     images, _ = batches[0]
@@ -711,7 +726,7 @@ def test_mnist5k_is_real_digits(mnist_val):
 
 def _synthetic(seed: int, **kwargs):
     options = {"train_batch_size": 8, "eval_batch_size": 8, "num_workers": 0, "num_classes": 3} | kwargs
-    return build_dataloaders("synthetic", root=None, seed=seed, **options)
+    return _loaders("synthetic", root=None, seed=seed, **options)
 
 
 def test_synthetic_is_deterministic_per_seed():
@@ -759,7 +774,7 @@ def test_bad_loader_arguments(kwargs, key):
 
 def test_build_dataloaders_unknown_name():
     with pytest.raises(ValueError, match=r"data\.name"):
-        build_dataloaders("cifar", root=None, train_batch_size=2, eval_batch_size=2, num_workers=0, seed=0)
+        _loaders("cifar", root=None, train_batch_size=2, eval_batch_size=2, num_workers=0, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -779,9 +794,7 @@ def test_single_process_loaders_see_everything():
 
 def test_seed_fixes_the_training_order():
     def first_batch(seed: int) -> tuple[list[int], torch.Tensor]:
-        train, _ = build_dataloaders(
-            "mnist5k", root=None, train_batch_size=64, eval_batch_size=64, num_workers=0, seed=seed
-        )
+        train, _ = _loaders("mnist5k", root=None, train_batch_size=64, eval_batch_size=64, num_workers=0, seed=seed)
         return list(train.sampler)[:64], next(iter(train))[1]
 
     order_a, labels_a = first_batch(0)
@@ -826,9 +839,7 @@ def test_loaders_shard_by_rank(monkeypatch):
 def test_worker_processes_reproduce_the_augmentation():
     # With workers, torch seeds each one from the main process's RNG: a seeded run replays the same shifted images.
     def first_batch(global_seed: int) -> torch.Tensor:
-        train, val = build_dataloaders(
-            "mnist5k", root=None, train_batch_size=32, eval_batch_size=500, num_workers=1, seed=0
-        )
+        train, val = _loaders("mnist5k", root=None, train_batch_size=32, eval_batch_size=500, num_workers=1, seed=0)
         assert train.persistent_workers and val.persistent_workers
         torch.manual_seed(global_seed)
         return next(iter(train))[0]
@@ -859,19 +870,146 @@ def test_mnist5k_refuses_frames_smaller_than_the_digits():
 
 
 def test_consistency_loader_frames_mnist5k_and_reuses_the_synthetic_validation_set():
-    framed = build_consistency_dataloader("mnist5k", root=None, side=44, batch_size=250, num_workers=0, seed=0)
+    framed = _framed("mnist5k", root=None, side=44, batch_size=250, num_workers=0, seed=0)
     images, _ = next(iter(framed))
     assert images.shape == (250, 3, 44, 44) and len(framed.dataset) == 1000
     options = {"root": None, "num_workers": 0, "seed": 5, "synthetic_samples": 40, "image_size": 24}
-    _, evaluation = build_dataloaders("synthetic", train_batch_size=8, eval_batch_size=8, **options)
-    consistency = build_consistency_dataloader("synthetic", side=24, batch_size=8, **options)
+    _, evaluation = _loaders("synthetic", train_batch_size=8, eval_batch_size=8, **options)
+    consistency = _framed("synthetic", side=24, batch_size=8, **options)
     assert torch.equal(consistency.dataset.tensors[0], evaluation.dataset.tensors[0])
 
 
 @pytest.mark.parametrize(
     ("name", "side", "message"),
-    [("mnist5k", 20, "mnist5k digits are 28 px"), ("synthetic", 40, "synthetic images are 32 px")],
+    [
+        ("mnist5k", 20, "crop_size + max_shift = 20 px is smaller than the 28 px mnist5k digits"),
+        ("synthetic", 40, "crop_size + max_shift = 40 px exceeds the 32 px images of synthetic"),
+    ],
 )
 def test_consistency_loader_refuses_images_that_cannot_hold_the_window(name, side, message):
-    with pytest.raises(ValueError, match=message):
-        build_consistency_dataloader(name, root=None, side=side, batch_size=4, num_workers=0, seed=0)
+    with pytest.raises(DataError) as excinfo:
+        _framed(name, root=None, side=side, batch_size=4, num_workers=0, seed=0)
+    assert (excinfo.value.key, excinfo.value.message) == ("crop_size", message)
+    # A protocol built elsewhere (not by this dataset's consistency_protocol) is checked by the loader too.
+    protocol = ConsistencyProtocol(mode="crop", max_shift=8, crop_size=side - 8)
+    with pytest.raises(DataError, match=re.escape(message)):
+        dataset_spec(name).consistency_loader(DataOptions(), protocol, batch_size=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Specs: the registry, DataError, DataOptions, the consistency protocol of each dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_registry_holds_one_spec_per_name():
+    assert DATASETS == ("imagenet", "mnist5k", "synthetic")
+    assert [dataset_spec(name).name for name in DATASETS] == list(DATASETS)
+    with pytest.raises(DataError) as excinfo:
+        dataset_spec("cifar10")
+    assert excinfo.value.key == "data.name"
+    assert excinfo.value.message == "must be one of 'imagenet', 'mnist5k', 'synthetic', got 'cifar10'"
+
+
+def test_data_error_carries_its_key_apart_and_survives_pickling():
+    error = DataError("data.root", "/nowhere does not exist")
+    assert isinstance(error, ValueError) and str(error) == "data.root: /nowhere does not exist"
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.key, copy.message, str(copy)) == (DataError, error.key, error.message, str(error))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "key"),
+    [
+        ("num_workers", -1, "data.num_workers"),
+        ("seed", -1, "seed"),
+        ("seed", 1.0, "seed"),
+        ("num_classes", 0, "model.num_classes"),
+        ("synthetic_samples", 0, "data.synthetic_samples"),
+        ("image_size", 7, "data.image_size"),
+        ("image_size", True, "data.image_size"),
+        ("max_bad_images", -1, "data.max_bad_images"),
+    ],
+)
+def test_data_options_refusals_name_the_recipe_key(field, value, key):
+    with pytest.raises(DataError) as excinfo:
+        DataOptions(**{field: value})
+    assert excinfo.value.key == key
+    assert excinfo.value.message.startswith("must be an int >=") and excinfo.value.message.endswith(f"got {value!r}")
+
+
+def test_imagenet_without_root_says_how_to_give_one():
+    with pytest.raises(DataError) as excinfo:
+        dataset_spec("imagenet").check(DataOptions())
+    assert excinfo.value.key == "data.root"
+    assert "data.root=/path/to/imagenet" in excinfo.value.message and "IMAGENET_ROOT" in excinfo.value.message
+
+
+def test_train_size_of_each_dataset(tree):
+    assert dataset_spec("synthetic").train_size(DataOptions(synthetic_samples=40)) == 40
+    assert dataset_spec("mnist5k").train_size(DataOptions()) == len(mnist5k_split()[0]) == 4000
+    assert dataset_spec("imagenet").train_size(DataOptions(root=tree)) is None  # known only by listing the tree
+
+
+# The defaults typed from the issue, not computed: imagenet 32 px shifts of the training crop (224 unless
+# data.image_size); mnist5k 8 px shifts of its 36 px frames; synthetic max(1, side // 8) and what its fixed-size images
+# leave (side - max_shift for crops, side for rolls).
+@pytest.mark.parametrize(
+    ("name", "options", "mode", "max_shift", "crop_size", "frame_size"),
+    [
+        ("imagenet", {}, "crop", 32, 224, 256),
+        ("imagenet", {"image_size": 112}, "crop", 32, 112, 144),
+        ("imagenet", {}, "circular", 32, 224, 224),
+        ("mnist5k", {}, "crop", 8, 36, 44),
+        ("mnist5k", {"image_size": 64}, "crop", 8, 36, 44),
+        ("mnist5k", {}, "circular", 8, 36, 36),
+        ("synthetic", {}, "crop", 4, 28, 32),
+        ("synthetic", {"image_size": 16}, "crop", 2, 14, 16),
+        ("synthetic", {"image_size": 16}, "circular", 2, 16, 16),
+        ("synthetic", {"image_size": 8}, "crop", 1, 7, 8),
+    ],
+)
+def test_consistency_defaults_of_each_dataset(name, options, mode, max_shift, crop_size, frame_size):
+    protocol = dataset_spec(name).consistency_protocol(DataOptions(**options), mode=mode)
+    assert protocol == ConsistencyProtocol(mode=mode, max_shift=max_shift, crop_size=crop_size)
+    assert protocol.frame_size == frame_size
+
+
+def test_given_consistency_sizes_override_the_defaults():
+    protocol = dataset_spec("imagenet").consistency_protocol(DataOptions(), max_shift=16, crop_size=128)
+    assert (protocol.max_shift, protocol.crop_size, protocol.frame_size) == (16, 128, 144)
+    # A fixed-size dataset's default crop follows the given shift.
+    assert dataset_spec("synthetic").consistency_protocol(DataOptions(), max_shift=12).crop_size == 20
+
+
+FRAME, ROLLED = "crop_size + max_shift", "crop_size"  # the frame's side in crop and circular mode
+SYNTHETIC, DIGITS = "the 32 px images of synthetic", "the 28 px mnist5k digits"
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "key", "message"),
+    [
+        ("synthetic", {"max_shift": 0}, "max_shift", "must be an int >= 1, got 0"),
+        ("synthetic", {"crop_size": True}, "crop_size", "must be an int >= 1, got True"),
+        ("synthetic", {"mode": "shift"}, "mode", "must be one of 'crop', 'circular', got 'shift'"),
+        ("synthetic", {"max_shift": 32}, "max_shift", "max_shift 32 leaves no crop of the 32 px images"),
+        ("synthetic", {"crop_size": 30}, "crop_size", f"{FRAME} = 34 px exceeds the 32 px images of synthetic"),
+        ("synthetic", {"mode": "circular", "crop_size": 33}, "crop_size", f"{ROLLED} = 33 px exceeds {SYNTHETIC}"),
+        ("mnist5k", {"crop_size": 16}, "crop_size", f"{FRAME} = 24 px is smaller than the 28 px mnist5k digits"),
+        ("mnist5k", {"mode": "circular", "crop_size": 27}, "crop_size", f"{ROLLED} = 27 px is smaller than {DIGITS}"),
+    ],
+)  # fmt: skip
+def test_consistency_protocol_refusals_name_the_field(name, kwargs, key, message):
+    with pytest.raises(DataError) as excinfo:
+        dataset_spec(name).consistency_protocol(DataOptions(), **kwargs)
+    assert (excinfo.value.key, excinfo.value.message) == (key, message)
+
+
+def test_consistency_loader_serves_the_protocols_frame():
+    spec, options = dataset_spec("mnist5k"), DataOptions()
+    for mode, side in (("crop", 44), ("circular", 36)):
+        loader = spec.consistency_loader(options, spec.consistency_protocol(options, mode=mode), batch_size=50)
+        images, labels = next(iter(loader))
+        assert images.shape == (50, 3, side, side) and labels.shape == (50,)
+        assert loader.persistent_workers is False and len(loader.dataset) == 1000
+    with pytest.raises(ValueError, match="frame_size"):  # a protocol whose crop comes from the images has no frame
+        spec.consistency_loader(options, ConsistencyProtocol(crop_size=None), batch_size=50)
