@@ -6,15 +6,14 @@
 
 Exit codes: 0 trained; 3 trained to the end but diverged (NaN or infinite outputs: the summary says so and reports
 no accuracy or consistency); 2 the recipe or a checkpoint was refused before any training (one line on stderr); 1 the
-run failed (a full disk gets one line saying how to resume). All the work lives in blurpool_algo.config; this module
-only parses arguments and reports.
+run failed (a full disk gets one line saying how to resume). The work lives in blurpool_algo.recipe and
+blurpool_algo.trainer; this module only parses arguments and reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import errno
 import os
 import signal
 import sys
@@ -61,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     overrides = [*args.overrides, *(["trust_checkpoint=true"] if args.trust_checkpoint else [])]
 
+    # Imported here, not at the top: the request to die with the parent above must come before the seconds that
+    # importing Composer and torch take (the runner may be killed meanwhile), and `--help` stays instant.
     from composer.utils import dist
 
-    from blurpool_algo.config import RecipeError, load_recipe, run_recipe, write_summary_json
+    from blurpool_algo.recipe import RecipeError, load_recipe
+    from blurpool_algo.summary import write_summary_json
+    from blurpool_algo.trainer import full_disk_explanation, run_recipe
 
     try:
         recipe = load_recipe(args.file, overrides)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.located(args.file, overrides)}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as error:
-        full = _full_disk(recipe, error)
+        full = full_disk_explanation(recipe, error)
         if full is None:
             raise
         print(f"error: {full}", file=sys.stderr)
@@ -86,27 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             write_summary_json(summary, args.summary_json)
         print(f"\nsummary: {summary}", flush=True)
     return DIVERGED_EXIT if summary.diverged else 0
-
-
-def _full_disk(recipe, error: BaseException) -> str | None:
-    """A one-line explanation if ``error`` came from a full disk under the recipe's save folder, else None."""
-    from blurpool_algo.checkpoints import room_for_a_checkpoint
-    from blurpool_algo.config import save_folder
-
-    folder = save_folder(recipe)
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        where = error.filename or folder or "the disk"
-    elif folder is not None:
-        free, needed = room_for_a_checkpoint(folder)
-        if free >= needed:
-            return None
-        where = folder
-    else:
-        return None
-    return (
-        f"no space left on the disk holding {where}; free space, then rerun the same command (with autoresume=true "
-        "it resumes from the last complete checkpoint, setting the partial one aside)"
-    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import pytest
 import torch
 from helpers import QUICKSTART, QUICKSTART_BASELINE, ROOT, TINY
 
-from blurpool_algo.config import RecipeError, evaluate_recipe, load_recipe, run_recipe
+from blurpool_algo.evaluate import evaluate_recipe
+from blurpool_algo.recipe import RecipeError, load_recipe
+from blurpool_algo.trainer import run_recipe
 
 # One worker runs the whole module, so its trained fixture is built once.
 pytestmark = pytest.mark.xdist_group("evaluate")

@@ -18,7 +18,8 @@ import torch
 from helpers import QUICKSTART, ROOT, TINY, assert_same_weights, model_weights
 
 from blurpool_algo.checkpoints import recover_save_folder
-from blurpool_algo.config import load_recipe, run_recipe
+from blurpool_algo.recipe import load_recipe
+from blurpool_algo.trainer import run_recipe
 
 CHILD = Path(__file__).with_name("crash_child.py")
 FINAL = "ep0-ba4-rank0.pt"  # 32 synthetic samples in batches of 8: the last batch of epoch 0
