@@ -5,7 +5,7 @@
 
 The recipe gives the model (with its algorithms, so a BlurPool checkpoint gets its blurred layers), the data and the
 precision; the checkpoint's weights must match that model exactly. The shift protocol defaults to the recipe's
-shift_consistency_monitor options (ImageNet: 224 px crops, shifts up to 32). The work is evaluate_recipe's;
+shift_consistency_monitor options, else the dataset's own (its spec's defaults). The work is evaluate_recipe's;
 main only parses arguments and reports.
 """
 
@@ -118,7 +118,7 @@ def evaluate_recipe(
 
     The model is the recipe's (its algorithms applied, so a BlurPool checkpoint gets its blurred layers), and the
     checkpoint's weights must match it exactly. Consistency uses the validation set prepared at
-    ``crop_size + max_shift`` (ImageNet: Resize 256 + CenterCrop 256). Runs on every rank; rank 0 writes
+    ``crop_size + max_shift`` (the dataset spec's consistency loader). Runs on every rank; rank 0 writes
     ``evaluation.json`` and ``diagonal_stability.png`` to ``out`` (each whole or not at all).
 
     Raises:

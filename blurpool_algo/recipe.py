@@ -84,7 +84,7 @@ class ModelConfig:
 class DataConfig:
     #: A dataset of :mod:`blurpool_algo.data`'s registry (``data.DATASETS``).
     name: str = MISSING
-    #: For a dataset read from a folder: the folder (ImageNet: the one holding ``train/`` and ``val/``).
+    #: For a dataset read from a folder: the folder (its spec says what it must hold).
     root: str | None = None
     #: DataLoader workers per rank.
     num_workers: int = 8
