@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from blurpool_algo.checks import check_choice, check_int
+
 __all__ = [
     "MAX_FILTER_SIZE",
     "PAD_MODES",
@@ -34,20 +36,27 @@ MAX_FILTER_SIZE = 32
 
 
 def validate_filter_size(filter_size: object, name: str = "filter_size") -> int:
-    """Returns ``filter_size`` if it is an int from 1 to :data:`MAX_FILTER_SIZE`, else raises ``ValueError``."""
-    if isinstance(filter_size, bool) or not isinstance(filter_size, int) or not 1 <= filter_size <= MAX_FILTER_SIZE:
-        raise ValueError(
-            f"{name} must be an int >= 1 and <= {MAX_FILTER_SIZE} (1 = no blur, 3 = [1, 2, 1]/4, 4 = the paper's), "
-            f"got {filter_size!r}"
-        )
-    return filter_size
+    """Returns ``filter_size`` if it is an int from 1 to :data:`MAX_FILTER_SIZE`, else raises ``ValueError``.
+
+    Example:
+        >>> validate_filter_size(4)
+        4
+    """
+    return check_int(
+        name, filter_size, minimum=1, maximum=MAX_FILTER_SIZE, hint="1 = no blur, 3 = [1, 2, 1]/4, 4 = the paper's"
+    )
 
 
 def validate_pad_mode(pad_mode: object, name: str = "pad_mode") -> str:
-    """Returns ``pad_mode`` if it is one of :data:`PAD_MODES`, else raises ``ValueError`` naming ``name``."""
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, PAD_MODES))}, got {pad_mode!r}")
-    return pad_mode  # type: ignore[return-value]
+    """Returns ``pad_mode`` if it is one of :data:`PAD_MODES`, else raises ``ValueError`` naming ``name``.
+
+    Example:
+        >>> validate_pad_mode("x", name="pad")
+        Traceback (most recent call last):
+        ...
+        blurpool_algo.checks.CheckError: pad must be one of 'zeros', 'reflect', 'replicate', 'circular', got 'x'
+    """
+    return check_choice(name, pad_mode, PAD_MODES)  # type: ignore[return-value]
 
 
 def binomial_taps(filter_size: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:

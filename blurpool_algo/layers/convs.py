@@ -1,0 +1,209 @@
+"""Convolutions whose subsampling is anti-aliased: :class:`BlurConv2d` (blur at the strided conv) and
+:class:`BlurInputConv2d` (a blur-subsample in front of a conv), and :func:`conv_copy`, which rebuilds a conv around the
+same Parameter objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blurpool_algo.filters import binomial_filter_2d, validate_filter_size, validate_pad_mode
+from blurpool_algo.layers.blur import OptionalFilterOnLoad, blur_pads, blur_subsample, check_stride, register_filter
+
+__all__ = ["BlurConv2d", "BlurInputConv2d", "conv_copy"]
+
+# torch.fx.wrap keeps a function out of a symbolic trace by its name in the calling module's globals: this module
+# calls blur_subsample under its own name, so it is registered here too.
+torch.fx.wrap("blur_subsample")
+
+_Conv = TypeVar("_Conv", bound=nn.Conv2d)
+
+
+def conv_copy(conv: nn.Conv2d, cls: type[_Conv] = nn.Conv2d, *, stride: Any = None, **options: Any) -> _Conv:
+    """A new ``cls`` with ``conv``'s hyperparameters and ``options``, holding ``conv``'s own Parameter objects.
+
+    ``stride`` replaces the conv's stride when given (the paper's placement runs a strided conv at stride 1). The new
+    module is built on the meta device (no weights initialised only to be dropped), then takes ``conv``'s ``weight``
+    and ``bias``, its training mode and, for a blur layer, a real filter in the weight's dtype and device.
+
+    Example:
+        >>> conv = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        >>> unstrided = conv_copy(conv, stride=1)
+        >>> unstrided.stride, unstrided.weight is conv.weight
+        ((1, 1), True)
+    """
+    new = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride if stride is None else stride, conv.padding,
+        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta", **options,
+    )  # fmt: skip
+    new.weight = conv.weight
+    new.bias = conv.bias
+    if isinstance(new, OptionalFilterOnLoad):
+        blur_filter = binomial_filter_2d(new.filter_size, dtype=conv.weight.dtype, device=conv.weight.device)
+        new.blur_filter = blur_filter.expand(new.blur_filter.shape[0], 1, -1, -1).contiguous()
+    new.train(conv.training)
+    return new
+
+
+class BlurConv2d(OptionalFilterOnLoad, nn.Conv2d):
+    """A :class:`torch.nn.Conv2d` whose subsampling is anti-aliased.
+
+    ``blur_first=True`` blurs the input at stride 1, then runs the strided conv (Composer's default, cheapest).
+    ``blur_first=False`` runs the conv at stride 1, then blurs and subsamples by the conv's stride (closer to the
+    paper, about ``stride**2`` times the conv's compute). ``self.stride`` always holds the original conv's stride, and
+    ``weight`` and ``bias`` are ordinary conv parameters at the usual state-dict keys.
+
+    An unpadded 1x1 conv (a ResNet shortcut) is computed as blur at the conv's stride, then the conv at stride 1: in
+    either mode that is the same function with a fraction of the work, except for a biased conv under zero padding
+    with ``blur_first=False``, which keeps the literal order (the padding dims the blurred bias near the border).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
+            as for :class:`torch.nn.Conv2d`.
+        blur_first: where the blur goes (see above).
+        filter_size: binomial filter size, >= 1; 1 computes exactly the plain conv.
+        pad_mode: padding of the blur: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+
+    Use :meth:`from_conv` to anti-alias an existing conv while keeping its parameters.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        blur_first: bool = True,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+    ) -> None:
+        check_stride(stride)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self.blur_first = bool(blur_first)
+        self.filter_size = validate_filter_size(filter_size)
+        self.pad_mode = validate_pad_mode(pad_mode)
+        self.blur_stride = [int(s) for s in self.stride]
+        self.blur_pads = list(blur_pads(filter_size))
+        # An unpadded 1x1 conv ("pointwise") can take its input already blurred and subsampled: see forward.
+        self.pointwise = self.kernel_size == (1, 1) and self.padding in ((0, 0), "valid")
+        blurred_channels = in_channels if self.blur_first else out_channels
+        register_filter(self, blurred_channels, filter_size, device, dtype)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, *, blur_first: bool = True, filter_size: int = 3, pad_mode: str = "zeros"
+    ) -> BlurConv2d:
+        """Builds an anti-aliased copy of ``conv`` that shares its ``weight`` and ``bias`` Parameter objects.
+
+        Hyperparameters (padding_mode included), training mode and requires_grad carry over; the filter buffer takes
+        the weight's dtype and device.
+        """
+        return conv_copy(conv, cls, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode)
+
+    def _conv_at_stride_one(self, x: Tensor) -> Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, self.weight, self.bias, 1, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, 1, self.padding, self.dilation, self.groups)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.filter_size == 1:
+            return self._conv_forward(input, self.weight, self.bias)
+        if self.pointwise and (self.blur_first or self.bias is None or self.pad_mode != "zeros"):
+            # A pointwise conv reads only the samples its stride lands on, so blurring at its stride computes just
+            # those (a quarter of the blur at stride 2) and the conv runs at stride 1 on them. It also commutes with
+            # the blur (both linear; the blur treats every channel alike), so blur_first=False gets the same function
+            # without the stride**2 larger conv. A bias commutes too unless zero padding dims it near the border.
+            blurred = blur_subsample(
+                input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, any_channels=True
+            )
+            return F.conv2d(blurred, self.weight, self.bias, 1, 0, 1, self.groups)
+        if self.blur_first:
+            blurred = blur_subsample(input, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode)
+            return self._conv_forward(blurred, self.weight, self.bias)
+        dense = self._conv_at_stride_one(input)
+        return blur_subsample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, blur_first={self.blur_first}, filter_size={self.filter_size}, "
+            f"pad_mode={self.pad_mode!r}"
+        )
+
+
+class BlurInputConv2d(OptionalFilterOnLoad, nn.Conv2d):
+    """A :class:`torch.nn.Conv2d` that first blurs and subsamples its input: a :class:`BlurPool2d` in front of the conv,
+    as one module.
+
+    This is how the paper's placement (strided conv -> the conv at stride 1 -> BN -> activation -> blur-subsample) fits
+    blocks whose ``forward`` cannot take a new module, such as torchvision's ResNet blocks: the strided conv runs at
+    stride 1, and the next conv, after the activation, blurs what it receives by the stride the first one gave up.
+    ``weight`` and ``bias`` keep their state-dict keys, so un-blurred checkpoints load.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
+            as for :class:`torch.nn.Conv2d` (``stride`` is the conv's own, applied after the blur).
+        blur_stride: subsampling factor of the blur, an int >= 1 or a pair.
+        filter_size: binomial filter size, >= 1; 1 is plain subsampling.
+        pad_mode: padding of the blur: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        blur_stride: int | tuple[int, int] = 2,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self.blur_stride = list(check_stride(blur_stride, "blur_stride"))
+        self.filter_size = validate_filter_size(filter_size)
+        self.pad_mode = validate_pad_mode(pad_mode)
+        self.blur_pads = list(blur_pads(filter_size))
+        register_filter(self, in_channels, filter_size, device, dtype)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, *, blur_stride: int | tuple[int, int] = 2, filter_size: int = 3, pad_mode: str = "zeros"
+    ) -> BlurInputConv2d:
+        """Builds a copy of ``conv`` that blur-subsamples its input first, sharing ``conv``'s Parameter objects."""
+        return conv_copy(conv, cls, blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode)
+
+    def forward(self, input: Tensor) -> Tensor:
+        blurred = blur_subsample(input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+        return self._conv_forward(blurred, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, blur_stride={tuple(self.blur_stride)}, filter_size={self.filter_size}, "
+            f"pad_mode={self.pad_mode!r}"
+        )

@@ -1,0 +1,169 @@
+"""Pools whose subsampling is anti-aliased: :class:`BlurMaxPool2d` and :class:`BlurAvgPool2d` pool at stride 1, then
+blur-subsample, with the output size of the pool they replace for every kernel, stride, padding and ``ceil_mode``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from blurpool_algo.checks import fail
+from blurpool_algo.filters import validate_filter_size, validate_pad_mode
+from blurpool_algo.layers.blur import OptionalFilterOnLoad, blur_pads, blur_subsample, check_stride, register_filter
+
+__all__ = ["BlurAvgPool2d", "BlurMaxPool2d"]
+
+# torch.fx.wrap keeps a function out of a symbolic trace by its name in the calling module's globals: this module
+# calls blur_subsample under its own name, so it is registered here too.
+torch.fx.wrap("blur_subsample")
+
+
+def _ceil_mode_extension(pool: nn.MaxPool2d | nn.AvgPool2d) -> list[int]:
+    """``F.pad`` amounts that extend a pool's input so that its stride-1 output, subsampled, has ceil_mode's size.
+
+    With ``ceil_mode=True`` PyTorch keeps last windows that run past the input's end, as long as they start inside the
+    input or its left padding: ``min(stride - 1, dilation * (kernel - 1) - padding)`` more windows per axis than
+    floor mode. Extending the input by that many samples gives the stride-1 pool exactly those partial windows.
+    """
+    if not pool.ceil_mode:
+        return [0, 0, 0, 0]
+    dilation = getattr(pool, "dilation", 1)
+    kernel, stride, padding, dilation = (_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, dilation))
+    rows, cols = (max(0, min(stride[i] - 1, dilation[i] * (kernel[i] - 1) - padding[i])) for i in range(2))
+    return [0, cols, 0, rows]
+
+
+class BlurMaxPool2d(OptionalFilterOnLoad, nn.MaxPool2d):
+    """A :class:`torch.nn.MaxPool2d` whose subsampling is anti-aliased: max at stride 1, then blur-subsample.
+
+    The output size equals the plain pool's for every kernel, stride, padding, dilation and ``ceil_mode``.
+    ``return_indices=True`` is not supported (indices of a blurred max have no meaning).
+
+    Args:
+        kernel_size, stride, padding, dilation, ceil_mode: as for :class:`torch.nn.MaxPool2d`.
+        filter_size: binomial filter size, >= 1; 1 computes exactly the plain pool.
+        pad_mode: padding of the blur: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        device: device of the filter buffer.
+        dtype: dtype of the filter buffer.
+
+    The channel count is unknown to a pool, so the one ``(1, 1, k, k)`` filter is expanded (a view, no copy) to the
+    input's channels in forward.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        ceil_mode: bool = False,
+        *,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(kernel_size, stride, padding, dilation, return_indices=False, ceil_mode=ceil_mode)
+        self.filter_size = validate_filter_size(filter_size)
+        self.pad_mode = validate_pad_mode(pad_mode)
+        self.blur_stride = list(check_stride(self.stride))
+        self.blur_pads = list(blur_pads(filter_size))
+        self.ceil_extension = _ceil_mode_extension(self)
+        register_filter(self, 1, filter_size, device, dtype)
+
+    @classmethod
+    def from_maxpool(
+        cls, pool: nn.MaxPool2d, *, filter_size: int = 3, pad_mode: str = "zeros", dtype: Any = None, device: Any = None
+    ) -> BlurMaxPool2d:
+        """Builds the anti-aliased version of ``pool`` (which must not use ``return_indices``)."""
+        if pool.return_indices:
+            raise fail("pool.return_indices", "False (the indices of a blurred max have no meaning)", True)
+        new = cls(
+            pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+            filter_size=filter_size, pad_mode=pad_mode, device=device, dtype=dtype,
+        )  # fmt: skip
+        new.train(pool.training)
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.filter_size == 1:
+            return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        if self.ceil_mode:
+            # -inf never wins a max: the extended windows are exactly ceil_mode's partial windows.
+            input = F.pad(input, self.ceil_extension, value=float("-inf"))
+        dense = F.max_pool2d(input, self.kernel_size, 1, self.padding, self.dilation)
+        return blur_subsample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, filter_size={self.filter_size}, pad_mode={self.pad_mode!r}"
+
+
+class BlurAvgPool2d(OptionalFilterOnLoad, nn.AvgPool2d):
+    """A :class:`torch.nn.AvgPool2d` whose subsampling is anti-aliased: average at stride 1, then blur-subsample.
+
+    The output size equals the plain pool's for every kernel, stride, padding and ``ceil_mode``; ``count_include_pad``
+    and ``divisor_override`` keep their meaning for the stride-1 average.
+
+    Args:
+        kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override: as for
+            :class:`torch.nn.AvgPool2d`.
+        filter_size: binomial filter size, >= 1; 1 computes exactly the plain pool.
+        pad_mode: padding of the blur: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        device: device of the filter buffer.
+        dtype: dtype of the filter buffer.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
+        padding: int | tuple[int, int] = 0,
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+        divisor_override: int | None = None,
+        *,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        self.filter_size = validate_filter_size(filter_size)
+        self.pad_mode = validate_pad_mode(pad_mode)
+        self.blur_stride = list(check_stride(self.stride))
+        self.blur_pads = list(blur_pads(filter_size))
+        self.ceil_extension = _ceil_mode_extension(self)
+        register_filter(self, 1, filter_size, device, dtype)
+
+    @classmethod
+    def from_avgpool(
+        cls, pool: nn.AvgPool2d, *, filter_size: int = 3, pad_mode: str = "zeros", dtype: Any = None, device: Any = None
+    ) -> BlurAvgPool2d:
+        """Builds the anti-aliased version of ``pool``."""
+        new = cls(
+            pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad,
+            pool.divisor_override, filter_size=filter_size, pad_mode=pad_mode, device=device, dtype=dtype,
+        )  # fmt: skip
+        new.train(pool.training)
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.filter_size == 1:
+            return F.avg_pool2d(
+                input, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                self.divisor_override,
+            )  # fmt: skip
+        if self.ceil_mode:
+            # ceil_mode's partial windows average only what they cover; edge values stand in for the missing part.
+            input = F.pad(input, self.ceil_extension, mode="replicate")
+        dense = F.avg_pool2d(
+            input, self.kernel_size, 1, self.padding, False, self.count_include_pad, self.divisor_override
+        )
+        return blur_subsample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, filter_size={self.filter_size}, pad_mode={self.pad_mode!r}"
