@@ -18,7 +18,8 @@ from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-import blurpool_algo.callbacks as callbacks_module
+import blurpool_algo.callbacks.peak_memory as peak_memory_module
+import blurpool_algo.callbacks.throughput as throughput_module
 from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor
 from blurpool_algo.metrics import shift_consistency
 
@@ -305,14 +306,14 @@ def test_peak_memory_of_a_temporary_freed_in_the_forward_pass():
     else:
         # This system refused the reset: the peak is what the samples saw, and not the process's stale high mark.
         assert big.peak_memory_source == "rss"
-        assert big.summary["peak_memory_bytes"] == big._peak_rss_sampled
+        assert big.summary["peak_memory_bytes"] == big._peak_memory.sampled
 
 
 @linux_only
 def test_peak_memory_leaves_out_a_peak_from_before_the_fit():
     stale = torch.ones(400 * MB // 4)
     del stale
-    hwm_before = callbacks_module._proc_status_bytes("VmHWM")
+    hwm_before = peak_memory_module._proc_status_bytes("VmHWM")
     assert hwm_before is not None
 
     monitor = ThroughputMonitor(window_size=1)
@@ -323,11 +324,11 @@ def test_peak_memory_leaves_out_a_peak_from_before_the_fit():
 
 @linux_only
 def test_peak_memory_falls_back_to_samples_when_the_reset_is_refused(monkeypatch):
-    monkeypatch.setattr(callbacks_module, "_reset_peak_rss", lambda: False)
+    monkeypatch.setattr(peak_memory_module, "_reset_peak_rss", lambda: False)
     # Without the reset, VmHWM still holds this peak from before the fit: it must not be reported.
     stale = torch.ones(400 * MB // 4)
     del stale
-    hwm_before = callbacks_module._proc_status_bytes("VmHWM")
+    hwm_before = peak_memory_module._proc_status_bytes("VmHWM")
     assert hwm_before is not None
 
     base, big = ThroughputMonitor(window_size=1), ThroughputMonitor(window_size=1)
@@ -341,7 +342,7 @@ def test_peak_memory_falls_back_to_samples_when_the_reset_is_refused(monkeypatch
 
 
 def test_peak_memory_falls_back_to_getrusage_without_proc(monkeypatch):
-    monkeypatch.setattr(callbacks_module, "_proc_status_bytes", lambda field: None)
+    monkeypatch.setattr(peak_memory_module, "_proc_status_bytes", lambda field: None)
     monitor = ThroughputMonitor(window_size=1)
     _fit(monitor, max_duration="2ba")
 
@@ -372,7 +373,7 @@ class _FakeTwoRanks:
 
 def test_two_ranks_divide_device_rates_and_take_the_largest_peak(monkeypatch):
     fake = _FakeTwoRanks(other_peak=2.0**40)
-    monkeypatch.setattr(callbacks_module, "dist", fake)
+    monkeypatch.setattr(throughput_module, "dist", fake)
     monitor = ThroughputMonitor(window_size=2)
     memory = _fit(monitor, max_duration="3ba")
 
