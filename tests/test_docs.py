@@ -88,7 +88,7 @@ def test_doc_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_recipes_page_documents_every_schema_key_and_recipe():
-    from blurpool_algo.config import DataConfig, ModelConfig, OptimizerConfig, Recipe, SchedulerConfig
+    from blurpool_algo.recipe import DataConfig, ModelConfig, OptimizerConfig, Recipe, SchedulerConfig
 
     page = (DOCS / "recipes.md").read_text()
     nested = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig}
