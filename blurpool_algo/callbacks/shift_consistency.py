@@ -74,6 +74,8 @@ class ShiftConsistencyMonitor(Callback):
         offsets: ``'per_image'`` or ``'per_batch'`` (the paper's code).
 
     Attributes:
+        protocol: the measurement's :class:`~blurpool_algo.metrics.ConsistencyProtocol` (mode, max_shift, crop_size;
+            its ``frame_size`` is the side the dataloader's images need, None when the crop comes from the images).
         last_value: the most recent consistency in percent (None before the first measurement, NaN when that
             measurement found the model diverged).
         diverged: whether any measurement found non-finite logits; never reset.
@@ -96,7 +98,7 @@ class ShiftConsistencyMonitor(Callback):
         seed: int = 0,
         offsets: str = "per_image",
     ) -> None:
-        validate_consistency_options(
+        self.protocol = validate_consistency_options(
             mode=mode, max_shift=max_shift, crop_size=crop_size, offsets=offsets, num_batches=num_batches, seed=seed
         )
         try:
