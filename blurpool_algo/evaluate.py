@@ -31,6 +31,7 @@ from blurpool_algo.metrics import (
     shift_consistency,
 )
 from blurpool_algo.recipe import Recipe, RecipeError, load_recipe, recipe_parts
+from blurpool_algo.recipe_checks import checked
 from blurpool_algo.recipe_checks import consistency_protocol as checked_protocol
 from blurpool_algo.train import TRUST_FLAG_HELP
 from blurpool_algo.trainer import build_trainer, consistency_loader, top1_accuracy
@@ -75,9 +76,9 @@ def _flag(name: str, value: int | None, minimum: int, *, allow_none: bool = Fals
     """A command-line option of the evaluation, checked; a refusal names the flag (``--num-batches``)."""
     flag = "--" + name.replace("_", "-")
     try:
-        checks.check_int(flag, value, minimum=minimum, allow_none=allow_none)
-    except checks.CheckError as error:
-        raise RecipeError(flag, error.requirement, "command line") from None
+        checked(flag, checks.check_int, value, minimum=minimum, allow_none=allow_none)
+    except RecipeError as error:
+        raise error.with_source("command line") from None
 
 
 #: The protocol fields the evaluation takes as command-line flags (its mode is always crop), for naming a refusal.

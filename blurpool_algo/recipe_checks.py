@@ -25,11 +25,11 @@ from composer.core import Time
 from composer.models import ComposerClassifier
 from omegaconf import OmegaConf
 
-from blurpool_algo import checks, data
+from blurpool_algo import checks
 from blurpool_algo.algorithm import BlurPool
 from blurpool_algo.callbacks import ShiftConsistencyMonitor
 from blurpool_algo.checkpoint_files import CheckpointError, check_checkpoint_file
-from blurpool_algo.data import DataOptions, DatasetSpec
+from blurpool_algo.data import DataError, DataOptions, DatasetSpec, dataset_spec
 from blurpool_algo.metrics import ConsistencyProtocol
 from blurpool_algo.models import build_model, model_names, unknown_model_message
 from blurpool_algo.surgery import child_name_roots, unmatched_exclude_patterns
@@ -43,8 +43,19 @@ __all__ = [
     "PRECISIONS",
     "SCHEDULERS",
     "RecipeError",
+    "check_data",
+    "check_hardware",
+    "check_model",
+    "check_numbers",
+    "check_resume",
+    "check_saving",
     "check_time",
+    "check_times",
+    "checked",
     "consistency_protocol",
+    "construct",
+    "first_line",
+    "instance_checks",
 ]
 
 PRECISIONS = ("auto", "fp32", "amp_fp16", "amp_bf16")
@@ -109,7 +120,7 @@ def _value(recipe: Recipe, key: str) -> Any:
 
 def check_numbers(recipe: Recipe, world_size: int) -> None:
     """Batch sizes and rates in their ranges; global batch sizes divisible by the world size."""
-    # The data keys (and model.num_classes, the labels' range) are checked where they are used: data.DataOptions.
+    # The data keys (and model.num_classes, the labels' range) are checked where they are used: DataOptions.
     for key in ("train_batch_size", "eval_batch_size"):
         checked(key, checks.check_int, getattr(recipe, key), minimum=1)
     for key in ("train_batch_size", "eval_batch_size"):
@@ -246,8 +257,8 @@ def check_data(recipe: Recipe, world_size: int) -> tuple[DatasetSpec, DataOption
     """The recipe's dataset spec and options: the data usable, enough samples for a batch, no more classes than the
     model has outputs. The spec's errors carry their recipe key."""
     try:
-        spec = data.dataset_spec(recipe.data.name)
-        options = data.DataOptions(
+        spec = dataset_spec(recipe.data.name)
+        options = DataOptions(
             root=recipe.data.root,
             num_workers=recipe.data.num_workers,
             seed=recipe.seed,
@@ -258,7 +269,7 @@ def check_data(recipe: Recipe, world_size: int) -> tuple[DatasetSpec, DataOption
         )
         spec.check(options)
         train_size, classes = spec.train_size(options), spec.num_classes(options)
-    except data.DataError as error:
+    except DataError as error:
         raise RecipeError(error.key, error.message) from None
     if train_size is not None and recipe.train_batch_size // world_size > train_size // world_size:
         raise RecipeError(
@@ -285,7 +296,7 @@ def consistency_protocol(
     RecipeError on ``key``, or on ``key[field]`` for the protocol field it concerns (a command-line flag each)."""
     try:
         return spec.consistency_protocol(options, mode=mode, max_shift=max_shift, crop_size=crop_size)
-    except data.DataError as error:
+    except DataError as error:
         raise RecipeError(key if isinstance(key, str) else key[error.key], error.message) from None
 
 
