@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import blurpool_algo.callbacks.peak_memory as peak_memory_module
 import blurpool_algo.callbacks.throughput as throughput_module
 from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor
-from blurpool_algo.metrics import shift_consistency
+from blurpool_algo.metrics import ConsistencyProtocol, shift_consistency
 
 NUM_CLASSES = 10
 MB = 1024 * 1024
@@ -632,3 +632,9 @@ def test_other_measurement_errors_still_stop_training():
     with pytest.raises(ValueError, match="one row of logits per image"):
         trainer.fit()
     assert not monitor.diverged
+
+
+def test_shift_monitor_exposes_its_protocol():
+    monitor = ShiftConsistencyMonitor(mode="circular", max_shift=8, crop_size=36)
+    assert monitor.protocol == ConsistencyProtocol(mode="circular", max_shift=8, crop_size=36)
+    assert ShiftConsistencyMonitor().protocol.frame_size == 256  # the defaults: 224 px crops, shifts up to 32

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Te
 
 from blurpool_algo import apply_blurpool
 from blurpool_algo.metrics import (
+    ConsistencyProtocol,
     DiagonalStability,
     DiagonalStabilityMetric,
     NonFiniteLogitsError,
@@ -598,3 +599,49 @@ def test_the_error_keeps_its_counts_through_pickling():
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.nonfinite_images, copy.images_seen, copy.measure) == (3, 40, "diagonal stability")
     assert str(copy) == str(error)
+
+
+# ---------------------------------------------------------------------------------------------------- the protocol
+
+
+def test_protocol_frames_and_offset_ranges():
+    crop = ConsistencyProtocol(mode="crop", max_shift=32, crop_size=224)
+    circular = ConsistencyProtocol(mode="circular", max_shift=32, crop_size=224)
+    assert (crop.frame_size, crop.offset_range) == (256, (0, 32))
+    assert (circular.frame_size, circular.offset_range) == (224, (-32, 32))
+    assert ConsistencyProtocol(crop_size=None).frame_size is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "shift"}, "mode must be one of 'crop', 'circular', got 'shift'"),
+        ({"max_shift": 0}, "max_shift must be an int >= 1, got 0"),
+        ({"crop_size": 2.0}, "crop_size must be an int >= 1 or None, got 2.0"),
+    ],
+)
+def test_protocol_refuses_bad_fields(options, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        ConsistencyProtocol(**options)
+
+
+def test_protocol_views_are_crops_and_rolls_of_the_frame():
+    images = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    offsets = torch.tensor([[0, 3, 2, 1], [3, 3, 0, -2]])
+    crop = ConsistencyProtocol(mode="crop", max_shift=4, crop_size=6)
+    framed = crop.frame(images)
+    assert torch.equal(framed, images[..., 1:11, 1:11])  # the centred 10 px frame
+    first, second = crop.views(framed, offsets.clamp(min=0))
+    assert torch.equal(first[1], framed[1, :, 3:9, 3:9]) and torch.equal(second[0], framed[0, :, 2:8, 1:7])
+    assert torch.equal(crop.diagonal_view(framed, 2), framed[..., 2:8, 2:8])
+    rolled, rolled_back = ConsistencyProtocol(mode="circular", max_shift=4, crop_size=None).views(images, offsets)
+    assert torch.equal(rolled[0], torch.roll(images[0], (0, 3), dims=(1, 2)))
+    assert torch.equal(rolled_back[1], torch.roll(images[1], (0, -2), dims=(1, 2)))
+
+
+def test_protocol_fitted_to_images_takes_the_crop_they_leave():
+    protocol = ConsistencyProtocol(mode="crop", max_shift=8, crop_size=None)
+    assert protocol.fitted((40, 44)).crop_size == 32  # the smaller side - max_shift
+    assert ConsistencyProtocol(mode="circular", crop_size=None).fitted((40, 44)).crop_size is None  # the whole image
+    with pytest.raises(ValueError, match="leave no crop"):
+        protocol.fitted((8, 8))
