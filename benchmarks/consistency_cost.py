@@ -4,23 +4,24 @@
     python benchmarks/consistency_cost.py --model resnet50 --data synthetic --image-size 256 --crop-size 224 \\
         --max-shift 32 --images 64 --batch-size 16
 
-In one process, interleaved, median (and min) of --repeats runs of each: a plain top-1 pass over the loader's images,
-crop consistency, circular consistency and the diagonal stability curve (every offset). Prints times and ratios to the
-plain pass; with --json also writes them. Weights are random: the cost does not depend on them.
+The images are the dataset's consistency loader (its validation images at crop_size + max_shift, the dataset's own
+protocol defaults unless given). In one process, interleaved, median (and min) of --repeats runs of each: a plain top-1
+pass over centre crops, crop consistency, circular consistency and the diagonal stability curve (every offset). Prints
+times and ratios to the plain pass; with --json also writes them. Weights are random: the cost does not depend on them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from blurpool_algo import apply_blurpool
-from blurpool_algo.data import MNIST5k
+from blurpool_algo.data import DATASETS, DataOptions, dataset_spec
+from blurpool_algo.files import write_json_atomically
 from blurpool_algo.metrics import diagonal_stability, shift_consistency
 from blurpool_algo.models import build_model
 
@@ -41,11 +42,12 @@ def plain_pass(model: torch.nn.Module, loader: DataLoader, crop_size: int) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet10")
-    parser.add_argument("--data", choices=("mnist5k", "synthetic"), default="mnist5k")
-    parser.add_argument("--image-size", type=int, default=44, help="side of the images (mnist5k: the frame)")
+    parser.add_argument("--data", choices=DATASETS, default="mnist5k")
+    parser.add_argument("--root", help="the dataset folder (imagenet)")
+    parser.add_argument("--image-size", type=int, help="data.image_size (synthetic: the side of its images)")
     parser.add_argument("--images", type=int, default=1000, help="synthetic images")
-    parser.add_argument("--crop-size", type=int, default=36)
-    parser.add_argument("--max-shift", type=int, default=8)
+    parser.add_argument("--crop-size", type=int, help="default: the dataset's")
+    parser.add_argument("--max-shift", type=int, help="default: the dataset's")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--blurpool", action="store_true", help="apply BlurPool to the model first")
@@ -53,22 +55,20 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    if args.data == "mnist5k":
-        dataset = MNIST5k("val", size=args.image_size)
-    else:
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randn(args.images, 3, args.image_size, args.image_size, generator=generator)
-        dataset = TensorDataset(images, torch.randint(0, 10, (args.images,), generator=generator))
-    loader = DataLoader(dataset, batch_size=args.batch_size)
+    spec = dataset_spec(args.data)
+    # synthetic evaluates on half its training samples: twice --images gives --images to measure on.
+    options = DataOptions(root=args.root, synthetic_samples=2 * args.images, image_size=args.image_size)
+    protocol = spec.consistency_protocol(options, max_shift=args.max_shift, crop_size=args.crop_size)
+    loader = spec.consistency_loader(options, protocol, batch_size=args.batch_size)
     model = build_model(args.model, num_classes=10)
     if args.blurpool:
         apply_blurpool(model)
-    common = {"max_shift": args.max_shift, "crop_size": args.crop_size}
+    common = {"max_shift": protocol.max_shift, "crop_size": protocol.crop_size}
     arms = {
-        "plain evaluation pass": lambda: plain_pass(model, loader, args.crop_size),
+        "plain evaluation pass": lambda: plain_pass(model, loader, protocol.crop_size),
         "crop consistency": lambda: shift_consistency(model, loader, mode="crop", **common),
         "circular consistency": lambda: shift_consistency(model, loader, mode="circular", **common),
-        f"diagonal stability ({args.max_shift + 1} offsets)": lambda: diagonal_stability(model, loader, **common),
+        f"diagonal stability ({protocol.max_shift + 1} offsets)": lambda: diagonal_stability(model, loader, **common),
     }
     for run in arms.values():  # warm-up: allocator, lazy init
         run()
@@ -80,8 +80,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - started)
     base = statistics.median(times["plain evaluation pass"])
     print(
-        f"{args.model} on {len(dataset)} {args.data} images, crop {args.crop_size}, max_shift {args.max_shift}, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} threads, median of {args.repeats}"
+        f"{args.model} on {len(loader.dataset)} {args.data} images, crop {protocol.crop_size}, max_shift "
+        f"{protocol.max_shift}, batch {args.batch_size}, {torch.get_num_threads()} threads, median of {args.repeats}"
     )
     print(f"{'measurement':<34}{'median s':>10}{'min s':>10}{'x plain pass':>14}")
     results = {}
@@ -90,8 +90,7 @@ def main() -> None:
         results[name] = {"median_s": median, "min_s": min(values), "ratio": median / base}
         print(f"{name:<34}{median:>10.3f}{min(values):>10.3f}{median / base:>14.2f}")
     if args.json:
-        with open(args.json, "w") as stream:
-            json.dump({"args": vars(args), "results": results}, stream, indent=2)
+        write_json_atomically(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

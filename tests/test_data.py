@@ -23,9 +23,6 @@ from torchvision import transforms
 
 from blurpool_algo.data import (
     DATASETS,
-    EMBEDDED_DATASET,
-    MNIST5K_MEAN,
-    MNIST5K_STD,
     DataError,
     DataOptions,
     MNIST5k,
@@ -36,7 +33,7 @@ from blurpool_algo.data import (
     load_mnist5k,
     mnist5k_split,
 )
-from blurpool_algo.data.mnist5k import _mnist5k_raw, _mnist5k_split_cached
+from blurpool_algo.data.mnist5k import MNIST5K_MEAN, MNIST5K_STD, _mnist5k_raw, _mnist5k_split_cached
 from blurpool_algo.metrics import ConsistencyProtocol
 
 # The standard ImageNet statistics, typed from torchvision's documentation.
@@ -127,11 +124,6 @@ def test_check_data_unknown_name(name):
     assert "data.name" in message
     for allowed in ("imagenet", "mnist5k", "synthetic"):
         assert repr(allowed) in message
-
-
-def test_dataset_names():
-    assert set(DATASETS) == {"imagenet", "mnist5k", "synthetic"}
-    assert EMBEDDED_DATASET == "mnist5k"
 
 
 def test_check_data_valid_tree(tree):
