@@ -14,7 +14,6 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import composer.algorithms
 from composer.algorithms import BlurPool as ComposerBlurPool
@@ -22,14 +21,10 @@ from composer.algorithms.warnings import NoEffectWarning
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from blurpool_algo.surgery import (
-    UNRECOGNIZED,
-    BlurPoolOptions,
-    BlurPoolReport,
-    apply_blurpool_options,
-    child_name_roots,
-    validate_options,
-)
+from blurpool_algo.exclusion import child_name_roots
+from blurpool_algo.options import OPTION_NAMES, BlurPoolOptions, validate_options
+from blurpool_algo.rules import Reason
+from blurpool_algo.surgery import BlurPoolReport, apply_blurpool_options
 
 __all__ = ["BlurPool"]
 
@@ -94,23 +89,26 @@ class BlurPool(Algorithm):
         exclude: Sequence[str] = (),
         placement: str = "conv",
     ) -> None:
+        #: The validated options, frozen; each is also a plain attribute (``algo.blur_first``), like Composer's.
         self.options: BlurPoolOptions = validate_options(
             replace_convs=replace_convs, replace_maxpools=replace_maxpools, blur_first=blur_first,
             min_channels=min_channels, filter_size=filter_size, pad_mode=pad_mode, replace_avgpools=replace_avgpools,
             exclude=exclude, placement=placement,
         )  # fmt: skip
+        self.replace_convs = self.options.replace_convs
+        self.replace_maxpools = self.options.replace_maxpools
+        self.blur_first = self.options.blur_first
+        self.min_channels = self.options.min_channels
+        self.filter_size = self.options.filter_size
+        self.pad_mode = self.options.pad_mode
+        self.replace_avgpools = self.options.replace_avgpools
+        self.exclude = self.options.exclude
+        self.placement = self.options.placement
         #: The report of the last surgery this algorithm did (None before ``Event.INIT``).
         self.report: BlurPoolReport | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        # The options read as attributes (``algo.blur_first``), like Composer's BlurPool.
-        options = self.__dict__.get("options")
-        if options is not None and name in BlurPoolOptions.__dataclass_fields__:
-            return getattr(options, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self.options, name)!r}" for name in BlurPoolOptions.__dataclass_fields__)
+        fields = ", ".join(f"{name}={getattr(self.options, name)!r}" for name in OPTION_NAMES)
         return f"{_PACKAGE}.{type(self).__name__}({fields})"
 
     def __eq__(self, other: object) -> bool:
@@ -151,7 +149,7 @@ class BlurPool(Algorithm):
                 }.items()
             }
         )
-        unplaced = [d.name for d in self.report.skipped if d.reason.startswith(UNRECOGNIZED)]
+        unplaced = [d.name for d in self.report.skipped if d.code is Reason.UNRECOGNIZED]
         if unplaced:
             warnings.warn(
                 f"{self!r}: the paper's placement does not recognize the structure around {', '.join(unplaced)}; "

@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from blurpool_algo.checkpoints import CheckpointError, load_checkpoint_file
+from blurpool_algo.checks import check_bool
 from blurpool_algo.layers import FILTER_BUFFER
 from blurpool_algo.surgery import apply_blurpool
 
@@ -193,8 +194,7 @@ def antialiased_model(
         close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5)
         raise ValueError(f"no anti-aliased {name!r}; allowed: {', '.join(PAPER_MODELS)}" + (
             f" (did you mean {', '.join(close)}?)" if close else ""))  # fmt: skip
-    if not isinstance(strided_stem, bool):
-        raise ValueError(f"strided_stem must be True or False, got {strided_stem!r}")
+    check_bool("strided_stem", strided_stem)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     apply_blurpool(
         model, placement="after_activation", filter_size=filter_size, pad_mode=pad_mode, replace_avgpools=True,

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import blurpool_algo
 from blurpool_algo import BlurConv2d, BlurMaxPool2d, BlurPool, apply_blurpool
+from blurpool_algo.rules import EXCLUSIONS, Reason
 
 NUM_CLASSES = 10
 
@@ -115,7 +116,7 @@ def test_paper_placement_warns_about_strided_convs_it_cannot_place():
     with pytest.warns(UserWarning, match=r"does not recognize the structure around module\.3"):
         _trainer(model, algorithms=[algorithm])
     assert type(network[3]) is nn.Conv2d and network[3].stride == (2, 2)
-    assert [d.name for d in algorithm.report.skipped if "not recognized" in d.reason] == ["module.3"]
+    assert [d.name for d in algorithm.report.skipped if d.code is Reason.UNRECOGNIZED] == ["module.3"]
 
 
 @pytest.mark.parametrize("pattern", ["layer4.*", "module.layer4.*", "layer4", "module.layer4"])
@@ -130,9 +131,7 @@ def test_exclude_patterns_name_the_wrapped_network(pattern):
     assert type(trainer.state.model.module.layer4[0].conv1) is nn.Conv2d
     assert algorithm.report.unmatched_exclude == ()
     # The report names the user's pattern, not a variant the algorithm derived from it.
-    assert {d.reason.split("exclude pattern ")[-1] for d in algorithm.report.skipped if "exclude" in d.reason} == {
-        repr(pattern)
-    }
+    assert {d.details["pattern"] for d in algorithm.report.skipped if d.code in EXCLUSIONS} == {pattern}
 
 
 def test_exclude_pattern_that_matches_nothing_warns_once_naming_the_users_pattern():

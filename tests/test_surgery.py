@@ -29,6 +29,7 @@ from blurpool_algo import (
     apply_blurpool,
     surgery,
 )
+from blurpool_algo.rules import EXCLUSIONS, Reason
 
 BLUR_TYPES = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d)
 COMPOSER_BLUR_TYPES = (composer_layers.BlurConv2d, composer_layers.BlurMaxPool2d)
@@ -140,7 +141,7 @@ def test_resnet50_matches_composer(blur_first: bool) -> None:
 
     # The RGB stem is skipped because 3 < min_channels.
     stem = next(d for d in report.skipped if d.name == "conv1")
-    assert "min_channels" in stem.reason
+    assert stem.code is Reason.FEW_CHANNELS and "min_channels" in stem.reason
     assert type(ours.conv1) is nn.Conv2d
 
     x = make_input(1, 3, 64, 64)
@@ -301,13 +302,16 @@ def test_only_exact_classes_with_stride_are_replaced() -> None:
 
     assert [d.name for d in report.replaced] == ["plain_conv"]
     assert isinstance(model["plain_conv"], BlurConv2d)
-    reasons = {d.name: d.reason for d in report.skipped}
-    assert set(reasons) == {"same_conv", "indices_pool", "conv_s1", "maxpool_s1", "avgpool_s1"}
-    assert "subclass" in reasons["same_conv"] and "SameConv" in reasons["same_conv"]
-    assert "return_indices" in reasons["indices_pool"]
-    for name in ("conv_s1", "maxpool_s1", "avgpool_s1"):
-        assert "stride 1" in reasons[name]
-    for name in reasons:
+    codes = {d.name: d.code for d in report.skipped}
+    assert codes == {
+        "same_conv": Reason.SUBCLASS,
+        "indices_pool": Reason.RETURN_INDICES,
+        "conv_s1": Reason.UNSTRIDED,
+        "maxpool_s1": Reason.UNSTRIDED,
+        "avgpool_s1": Reason.UNSTRIDED,
+    }
+    assert "SameConv" in next(d.reason for d in report.skipped if d.name == "same_conv")  # the prose names the class
+    for name in codes:
         assert model[name] is before[name]
 
     # Composer's version does blur a stride-1 max pool; ours must not.
@@ -323,8 +327,10 @@ def test_replace_convs_false() -> None:
     model = make_model("resnet50")
     report = apply_blurpool(model, replace_convs=False)
     assert blurred_names(model) == RESNET50_MAXPOOLS
-    reasons = {d.name: d.reason for d in report.skipped}
-    assert all("replace_convs=False" in reasons[n] for n in RESNET50_CONVS)
+    skipped = {d.name: d for d in report.skipped}
+    assert all(skipped[n].code is Reason.DISABLED for n in RESNET50_CONVS)
+    assert all(skipped[n].details == {"option": "replace_convs"} for n in RESNET50_CONVS)
+    assert "replace_convs=False" in skipped["layer2.0.conv2"].reason
 
 
 def test_replace_maxpools_false() -> None:
@@ -332,7 +338,8 @@ def test_replace_maxpools_false() -> None:
     report = apply_blurpool(model, replace_maxpools=False)
     assert blurred_names(model) == RESNET50_CONVS
     assert type(model.maxpool) is nn.MaxPool2d
-    assert "replace_maxpools=False" in next(d.reason for d in report.skipped if d.name == "maxpool")
+    maxpool = next(d for d in report.skipped if d.name == "maxpool")
+    assert maxpool.code is Reason.DISABLED and maxpool.details == {"option": "replace_maxpools"}
 
 
 @pytest.mark.parametrize("replace_avgpools", [False, True])
@@ -351,7 +358,8 @@ def test_replace_avgpools(replace_avgpools: bool) -> None:
         assert not torch.allclose(out, ref)
     else:
         assert type(model[2]) is nn.AvgPool2d
-        assert "replace_avgpools=False" in next(d.reason for d in report.skipped if d.name == "2")
+        avgpool = next(d for d in report.skipped if d.name == "2")
+        assert avgpool.code is Reason.DISABLED and avgpool.details == {"option": "replace_avgpools"}
         assert torch.equal(out, ref)
 
 
@@ -372,8 +380,8 @@ def test_exclude(exclude) -> None:
     layer4 = {n for n in RESNET50_CONVS if n.startswith("layer4")}
     assert blurred_names(model) == (RESNET50_CONVS - layer4) | RESNET50_MAXPOOLS
     assert not blurred_names(model.layer4)
-    reasons = {d.name: d.reason for d in report.skipped}
-    assert all("exclude" in reasons[n] for n in layer4)
+    codes = {d.name: d.code for d in report.skipped}
+    assert all(codes[n] in EXCLUSIONS for n in layer4)
 
 
 def _changed_names(before: nn.Module, after: nn.Module) -> set[str]:
@@ -407,9 +415,9 @@ def test_exclude_a_container_name_excludes_everything_under_it(placement: str) -
         assert inside, pattern
         assert _changed_names(baseline, model) == all_changes - inside, pattern
         assert report.unmatched_exclude == (), pattern
-        excluded = [d for d in report.skipped if "exclude" in d.reason]
+        excluded = [d for d in report.skipped if d.code in EXCLUSIONS]
         assert excluded and all(d.name.startswith(container + ".") for d in excluded), pattern
-        assert all(repr(pattern) in d.reason for d in excluded), pattern
+        assert all(d.details["pattern"] == pattern and repr(pattern) in d.reason for d in excluded), pattern
 
 
 def test_exclude_pattern_that_matches_no_module_warns_with_the_closest_names() -> None:
@@ -505,9 +513,9 @@ def test_idempotent(arch: str, options: dict) -> None:
 
     assert first.changed
     assert not second.changed and second.num_replaced == 0
-    reasons = {d.name: d.reason for d in second.skipped}
+    codes = {d.name: d.code for d in second.skipped}
     for decision in first.replaced:
-        assert reasons[decision.name] == "already anti-aliased"
+        assert codes[decision.name] is Reason.ALREADY_ANTI_ALIASED
     assert structure(model) == structure(once)
     assert repr(model) == repr(once)
     assert set(model.state_dict()) == set(once.state_dict())

@@ -1,0 +1,230 @@
+"""Surgery rules for ``torch.nn``'s layers, and the two placements' rule lists built from them.
+
+``placement='conv'`` (Composer's): every ``nn.Conv2d``, ``nn.MaxPool2d`` and ``nn.AvgPool2d`` is a candidate, reported
+replaced or skipped: a strided conv becomes a :class:`~blurpool_algo.layers.BlurConv2d` (blur before or after the
+conv, as ``blur_first`` says), a strided pool a ``BlurMaxPool2d`` / ``BlurAvgPool2d``.
+
+``placement='after_activation'`` (the paper's): a strided conv runs at stride 1, then its BatchNorm and activation,
+then a blur subsamples. :func:`conv_norm_activation_runs` finds that run in an ``nn.Sequential``; other networks add
+their own structure rules in front (:mod:`blurpool_algo.resnet_rules` for torchvision's ResNets). Strided unpadded
+1x1 convs (shortcuts) blur first and run at stride 1; max-pools become ``BlurMaxPool2d``; average pools become the
+blur itself; any other strided conv is reported as not recognized. Only subsampling modules are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, conv_copy
+from blurpool_algo.rules import (
+    Change,
+    Decision,
+    Outcome,
+    Place,
+    Reason,
+    Rule,
+    Site,
+    SurgeryContext,
+    max_stride,
+    refuse,
+    replace,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "BLUR_LAYER_TYPES",
+    "CONV_PLACEMENT",
+    "PAPER_PLACEMENT",
+    "activation_runs",
+    "conv_norm_activation_runs",
+    "is_strided_conv",
+    "strided_only",
+]
+
+#: The layer classes the surgery produces; a model holding them has been (partly) anti-aliased already.
+BLUR_LAYER_TYPES: tuple[type[nn.Module], ...] = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d, BlurInputConv2d, BlurPool2d)
+
+#: The layer kinds ``placement='conv'`` reports on, whatever their stride.
+CANDIDATES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+#: Activations after which the paper's placement puts the blur.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
+)  # fmt: skip
+
+
+def is_strided_conv(module: nn.Module) -> bool:
+    """An ``nn.Conv2d`` itself (no subclass, whose forward may differ) that subsamples."""
+    return type(module) is nn.Conv2d and max(module.stride) > 1
+
+
+def strided_only(rule: Rule) -> Rule:
+    """``rule`` for modules that subsample; others pass to the next rule (the paper's placement reports only
+    subsampling layers)."""
+
+    def for_strided(site: Site, context: SurgeryContext) -> Outcome:
+        if isinstance(site.module, CANDIDATES) and max_stride(site.module) <= 1:
+            return None
+        return rule(site, context)
+
+    for_strided.__name__ = for_strided.__qualname__ = f"strided_only({rule.__name__})"
+    return for_strided
+
+
+# ------------------------------------------------------------------------------------------- placement='conv' rules
+
+
+def already_anti_aliased(site: Site, context: SurgeryContext) -> Outcome:
+    if isinstance(site.module, BLUR_LAYER_TYPES) and isinstance(site.module, CANDIDATES):
+        return refuse(site.module, Reason.ALREADY_ANTI_ALIASED)
+    return None
+
+
+def subclass_of_a_candidate(site: Site, context: SurgeryContext) -> Outcome:
+    base = next((base for base in CANDIDATES if isinstance(site.module, base)), None)
+    if base is not None and type(site.module) is not base:
+        return refuse(site.module, Reason.SUBCLASS, base=base.__name__, kind=type(site.module).__qualname__)
+    return None
+
+
+def blur_at_the_conv(site: Site, context: SurgeryContext) -> Outcome:
+    """A conv -> :class:`BlurConv2d`, the blur before or after it as ``blur_first`` says."""
+    conv = site.module
+    if type(conv) is not nn.Conv2d:
+        return None
+    options = context.options
+    return context.conv_refusal(site) or replace(
+        conv,
+        BlurConv2d.from_conv(conv, blur_first=options.blur_first, filter_size=options.filter_size,
+                             pad_mode=options.pad_mode),
+        Reason.BLURRED_CONV, stride=tuple(conv.stride), blur_first=options.blur_first,
+    )  # fmt: skip
+
+
+def blur_max_pool(site: Site, context: SurgeryContext) -> Outcome:
+    """A max pool -> :class:`BlurMaxPool2d`: the max at stride 1, then blur-subsample (both placements)."""
+    pool = site.module
+    if type(pool) is not nn.MaxPool2d:
+        return None
+    refused = context.refusal(site, "replace_maxpools")
+    if refused is None and pool.return_indices:
+        refused = refuse(pool, Reason.RETURN_INDICES)
+    options = context.options
+    return refused or replace(
+        pool,
+        BlurMaxPool2d.from_maxpool(pool, filter_size=options.filter_size, pad_mode=options.pad_mode,
+                                   dtype=context.dtype, device=context.device),
+        Reason.BLURRED_POOL, stride=pool.stride,
+    )  # fmt: skip
+
+
+def blur_avg_pool(site: Site, context: SurgeryContext) -> Outcome:
+    """An average pool -> :class:`BlurAvgPool2d`: the average at stride 1, then blur-subsample."""
+    pool = site.module
+    if type(pool) is not nn.AvgPool2d:
+        return None
+    options = context.options
+    return context.refusal(site, "replace_avgpools") or replace(
+        pool,
+        BlurAvgPool2d.from_avgpool(pool, filter_size=options.filter_size, pad_mode=options.pad_mode,
+                                   dtype=context.dtype, device=context.device),
+        Reason.BLURRED_POOL, stride=pool.stride,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- placement='after_activation' rules
+
+
+def _blur(channels: int, stride: Sequence[int], context: SurgeryContext) -> BlurPool2d:
+    options = context.options
+    return BlurPool2d(channels, tuple(stride), options.filter_size, options.pad_mode, device=context.device,
+                      dtype=context.dtype)  # fmt: skip
+
+
+def activation_runs(site: Site, context: SurgeryContext, keys: Sequence[str]) -> list[Decision]:
+    """Strided conv [-> BatchNorm2d] -> activation, consecutive among ``keys`` of the container ``site`` (which runs
+    them in that order): the conv runs at stride 1 and the activation's slot becomes ``Sequential(activation,
+    BlurPool2d)``. A structure rule for another container calls it with the keys its forward runs in order."""
+    parent = site.module
+    decisions = []
+    for index, key in enumerate(keys):
+        conv = parent._modules[key]
+        if not is_strided_conv(conv):
+            continue
+        follower = index + 1
+        if follower < len(keys) and isinstance(parent._modules[keys[follower]], nn.BatchNorm2d):
+            follower += 1
+        if follower >= len(keys) or type(parent._modules[keys[follower]]) not in ACTIVATIONS:
+            continue
+        refused = context.conv_refusal(context.site(conv))
+        if refused is not None:
+            decisions.append(refused)
+            continue
+        activation_key = keys[follower]
+        activation = parent._modules[activation_key]
+        blur = _blur(conv.out_channels, conv.stride, context)
+        path = " -> ".join(type(parent._modules[k]).__name__ for k in keys[index + 1 : follower + 1])
+        slot = Place(parent, activation_key, site.child_name(activation_key))
+        changes = (Change(conv, conv_copy(conv, stride=1)), Change(activation, nn.Sequential(activation, blur), slot))
+        details = {"stride": tuple(conv.stride), "path": path, "blur": f"{slot.name}.1"}
+        decisions.append(Decision(conv, Reason.BLUR_AFTER_ACTIVATION, details, blur=blur, changes=changes))
+    return decisions
+
+
+def conv_norm_activation_runs(site: Site, context: SurgeryContext) -> Outcome:
+    """:func:`activation_runs` over an ``nn.Sequential``'s children."""
+    if not isinstance(site.module, nn.Sequential):
+        return None
+    return activation_runs(site, context, list(site.module._modules))
+
+
+def average_becomes_blur(site: Site, context: SurgeryContext) -> Outcome:
+    """A strided average pool -> :class:`BlurPool2d` (the paper's), with the channels of the conv before it."""
+    pool = site.module
+    if type(pool) is not nn.AvgPool2d or max_stride(pool) <= 1:
+        return None
+    refused = context.refusal(site, "replace_avgpools")
+    if refused is not None:
+        return refused
+    place = site.places[0]
+    keys = list(place.parent._modules)
+    earlier = [place.parent._modules[k] for k in keys[: keys.index(place.key)]]
+    channels = next((m.out_channels for m in reversed(earlier) if isinstance(m, nn.Conv2d)), None)
+    if channels is None:
+        return refuse(pool, Reason.NO_CHANNEL_COUNT)
+    stride = (pool.stride, pool.stride) if isinstance(pool.stride, int) else tuple(pool.stride)
+    return replace(pool, _blur(channels, stride, context), Reason.AVERAGE_BECOMES_BLUR, stride=pool.stride)
+
+
+def blur_before_the_shortcut(site: Site, context: SurgeryContext) -> Outcome:
+    """A strided unpadded 1x1 conv (a shortcut): blur at its stride, then the conv at stride 1."""
+    conv = site.module
+    if not (is_strided_conv(conv) and conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid")):
+        return None
+    options = context.options
+    return context.conv_refusal(site) or replace(
+        conv,
+        BlurConv2d.from_conv(conv, blur_first=True, filter_size=options.filter_size, pad_mode=options.pad_mode),
+        Reason.BLURRED_SHORTCUT, stride=tuple(conv.stride),
+    )  # fmt: skip
+
+
+def unrecognized_strided_conv(site: Site, context: SurgeryContext) -> Outcome:
+    """A strided conv no rule before this one placed: reported, left as it is."""
+    if not is_strided_conv(site.module):
+        return None
+    return context.conv_refusal(site) or refuse(site.module, Reason.UNRECOGNIZED)
+
+
+#: ``placement='conv'``: every candidate reported, in the order of the checks the method card lists.
+CONV_PLACEMENT: tuple[Rule, ...] = (
+    already_anti_aliased, subclass_of_a_candidate, blur_at_the_conv, blur_max_pool, blur_avg_pool,
+)  # fmt: skip
+
+#: ``placement='after_activation'`` for any network; structure rules for particular networks go in front.
+PAPER_PLACEMENT: tuple[Rule, ...] = (
+    conv_norm_activation_runs, strided_only(blur_max_pool), average_becomes_blur, blur_before_the_shortcut,
+    unrecognized_strided_conv,
+)  # fmt: skip
