@@ -31,9 +31,13 @@ import torch
 from helpers import QUICKSTART, QUICKSTART_BASELINE, ROOT, TINY
 from scipy import stats
 
-from blurpool_algo import ab
-from blurpool_algo.ab import ABError, compare, describe_values, parse_seeds
-from blurpool_algo.checkpoints import checkpoint_file_status
+from blurpool_algo import ab, ab_plan, ab_report
+from blurpool_algo.ab_plan import ABError, parse_seeds
+from blurpool_algo.ab_report import compare, describe_values
+from blurpool_algo.algorithm import BlurPool
+from blurpool_algo.checkpoint_files import checkpoint_file_status
+from blurpool_algo.recipe import load_recipe
+from blurpool_algo.trainer import run_recipe
 
 # One worker runs the whole module, so its trained fixture is built once.
 pytestmark = pytest.mark.xdist_group("ab")
@@ -238,8 +242,6 @@ def test_after_the_kill_the_partial_checkpoint_is_set_aside_and_every_attempt_lo
 
 
 def test_the_resumed_report_equals_an_uninterrupted_run(finished):
-    from blurpool_algo.config import load_recipe, run_recipe
-
     out, _, _ = finished
     report = json.loads((out / "report.json").read_text())
     threads = torch.get_num_threads()
@@ -267,9 +269,7 @@ def test_a_changed_package_default_or_version_refuses_the_old_folder(finished, m
     args = argparse.ArgumentParser().parse_args([])
     args.baseline, args.treatment, args.seeds, args.out, args.nproc = QUICKSTART_BASELINE, QUICKSTART, "1", out, 1
     args.overrides, args.argv = RUN, []
-    ab.make_plan(args)  # control: the same A/B resumes
-    from blurpool_algo.algorithm import BlurPool
-
+    ab_plan.make_plan(args)  # control: the same A/B resumes
     # As if a release changed the default of an option the recipes do not set.
     init = BlurPool.__init__
     names = [p.name for p in inspect.signature(init).parameters.values() if p.default is not inspect.Parameter.empty]
@@ -281,11 +281,11 @@ def test_a_changed_package_default_or_version_refuses_the_old_folder(finished, m
             patch.setattr(init, "__defaults__", tuple(name == "replace_avgpools" or value for name, value in defaults))
         assert BlurPool().replace_avgpools is True
         with pytest.raises(ABError, match="holds an A/B with other algorithm_options"):
-            ab.make_plan(args)
+            ab_plan.make_plan(args)
     with monkeypatch.context() as patch:
         patch.setattr("blurpool_algo.__version__", "99.0")
         with pytest.raises(ABError, match="other package_version"):
-            ab.make_plan(args)
+            ab_plan.make_plan(args)
 
 
 def test_a_failing_arm_names_itself_and_leaves_no_report(tmp_path, capsys, monkeypatch):
@@ -336,25 +336,27 @@ def test_a_diverged_arm_is_shown_as_diverged_never_as_a_number(tmp_path):
                 "shift_consistency": {} if diverged else {"crop": consistency},
                 "throughput": {"samples_per_sec": 321.0, "peak_memory_bytes": 3 * 2**20}}  # fmt: skip
 
-    plan = ab.Plan(QUICKSTART_BASELINE, QUICKSTART, [17, 18], [], tmp_path, resolved={"baseline": {}, "treatment": {}})
+    plan = ab_plan.Plan(
+        QUICKSTART_BASELINE, QUICKSTART, [17, 18], [], tmp_path, resolved={"baseline": {}, "treatment": {}}
+    )
     results = {
         "baseline": {17: summary(90.0, 95.0, False), 18: summary(91.0, 96.0, False)},
         "treatment": {17: summary(10.0, 100.0, True), 18: summary(92.0, 97.0, False)},
     }
-    report = ab.build_report(plan, results)
+    report = ab_report.build_report(plan, results)
     assert report["diverged"] == {"baseline": [], "treatment": [17]}
     treatment = report["arms"]["treatment"]["accuracy"]
     assert treatment["mean"] is None and treatment["values"] == [None, 92.0] and treatment["diverged_seeds"] == [17]
-    rows = ab.table_rows(report)
+    rows = ab_report.table_rows(report)
     for row in rows[1:]:
         assert row[2] == "diverged (seed 17)" and row[3] == "n/a" and row[4] == "n/a: the treatment arm diverged"
         assert not any(char.isdigit() for char in row[2].replace("17", ""))
-    markdown = ab.markdown_report(report)
+    markdown = ab_report.markdown_report(report)
     assert "| top-1 accuracy | 90.00, 91.00 | diverged, 92.00 |" in markdown
     assert "10.00" not in markdown and "100.00" not in markdown
     # Control: the same results without the divergence show numbers.
     results["treatment"][17] = summary(10.0, 100.0, False)
-    assert ab.table_rows(ab.build_report(plan, results))[1][2] == "51.00 ± 57.98 %"
+    assert ab_report.table_rows(ab_report.build_report(plan, results))[1][2] == "51.00 ± 57.98 %"
 
 
 # --------------------------------------------------------------------------------------------------------- units

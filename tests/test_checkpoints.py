@@ -26,8 +26,9 @@ from blurpool_algo.checkpoints import (
     load_checkpoint_file,
     parse_algorithm_description,
 )
-from blurpool_algo.config import RecipeError, build_trainer, load_recipe
 from blurpool_algo.models import resnet10
+from blurpool_algo.recipe import RecipeError, load_recipe
+from blurpool_algo.trainer import build_trainer
 
 
 class RunsCommand:
