@@ -22,9 +22,7 @@ stride-1 blurs before each strided 3x3 conv, the stride-2 blurs before each shor
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +30,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from blurpool_algo.checks import check_int, fail
+from blurpool_algo.files import write_json_atomically
 from blurpool_algo.filters import binomial_filter_2d, binomial_taps, blur_padding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import write_json_atomically  # a sibling script, not a package
+from overhead import MIN_REPEATS, interleaved  # a sibling script, not a package: the same timing protocol
 
 # (name, channels, side, stride) at batch 8, 160 px input.
 RESNET50_BLURS = [
@@ -154,18 +154,10 @@ def measure(channels_last: bool, batch_size: int, filter_size: int, repeats: int
             torch.testing.assert_close(out, reference, msg=f"{form_name} output, {name}")
             torch.testing.assert_close(form_grad, reference_grad, msg=f"{form_name} gradient, {name}")
             runs[form_name] = _forward_backward(form, x, grad, filter_size, stride)
-        times: dict[str, list[float]] = {form_name: [] for form_name in runs}
-        for run in runs.values():
-            run()
-        for repetition in range(repeats):
-            order = list(runs)[repetition % len(runs) :] + list(runs)[: repetition % len(runs)]
-            for form_name in order:
-                started = time.perf_counter()
-                runs[form_name]()
-                times[form_name].append((time.perf_counter() - started) * 1e3)
+        times = interleaved(runs, repeats, x.device)
         rows.append({
             "blur": name, "shape": [batch_size, channels, side, side], "stride": stride,
-            "forms": {f: {"median_ms": statistics.median(t), "min_ms": min(t)} for f, t in times.items()},
+            "forms": {f: {"median_ms": t["median_ms"], "min_ms": t["min_ms"]} for f, t in times.items()},
         })  # fmt: skip
     return rows
 
@@ -184,24 +176,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuses, before any work, options that would time noise or a form that cannot run."""
+    check_int("--repeats", args.repeats, minimum=MIN_REPEATS, hint="medians of fewer are noise")
+    if check_int("--filter-size", args.filter_size, minimum=3) % 2 == 0:
+        raise fail("--filter-size", "odd", args.filter_size, hint="transpose_backward pads symmetrically")
+    check_int("--batch-size", args.batch_size, minimum=1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--filter-size", type=int, default=3, help="odd, >= 3 (transpose_backward pads symmetrically)")
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=21, help=f">= {MIN_REPEATS}")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error("--repeats must be >= 5 (medians of fewer are noise)")
-    if args.filter_size < 3 or args.filter_size % 2 == 0:
-        parser.error(f"--filter-size must be odd and >= 3, got {args.filter_size}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        check_options(args)
+    except ValueError as error:
+        parser.error(str(error))  # exits with code 2
     rows = measure(args.channels_last, args.batch_size, args.filter_size, args.repeats)
     print(f"channels_last={args.channels_last}, filter_size={args.filter_size}, {torch.get_num_threads()} threads")
     print(table(rows))
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(args.json, {"settings": vars(args) | {"json": str(args.json)}, "rows": rows})
         print(f"wrote {args.json}")
     return 0

@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +48,9 @@ import torchvision
 from torch import nn
 
 from blurpool_algo import apply_blurpool
-from blurpool_algo.models import build_model, model_names
+from blurpool_algo.checks import check_choice, check_int, fail
+from blurpool_algo.files import write_json_atomically
+from blurpool_algo.models import build_model, model_names, unknown_model_message
 
 ARMS: dict[str, str] = {
     "baseline": "torchvision's model, no anti-aliasing",
@@ -127,7 +127,7 @@ def _summary(seconds: Sequence[float]) -> dict[str, Any]:
     return {"median_ms": statistics.median(values), "min_ms": min(values), "values_ms": values}
 
 
-def _interleaved(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, dict[str, Any]]:
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, dict[str, Any]]:
     """Times every run once per repetition, in a rotating order, after one warm-up call each."""
     for run in runs.values():
         run()
@@ -231,8 +231,8 @@ def measure_model(name: str, settings: Settings, device: torch.device) -> dict[s
         runnable = torch.compile(model) if settings.compile else model
         train_runs[arm] = _train_step(runnable, optimizer, images, labels)
         inference_runs[arm] = _inference(runnable, images)
-    train = _interleaved(train_runs, settings.repeats, device)
-    inference = _interleaved(inference_runs, settings.repeats, device)
+    train = interleaved(train_runs, settings.repeats, device)
+    inference = interleaved(inference_runs, settings.repeats, device)
     return {
         arm: {"train_step": train[arm], "inference": inference[arm], "memory_bytes": memory[arm]}
         for arm in settings.arms
@@ -338,7 +338,7 @@ def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[
         runs = {key: _layer_run(module, inputs[key][layer], calls) for key, module in runnables.items()}
         timings = {
             key: {k: v / calls if k != "values_ms" else [t / calls for t in v] for k, v in timing.items()}
-            for key, timing in _interleaved(runs, settings.layer_repeats, device).items()
+            for key, timing in interleaved(runs, settings.layer_repeats, device).items()
         }
         original_ms = timings["original"]["median_ms"]
         original_min_ms = timings["original"]["min_ms"]
@@ -468,23 +468,48 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def check_device(text: str) -> torch.device:
+    """``--device`` as a torch device: the CPU, or a CUDA device that this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise fail("--device", "cpu, cuda or cuda:N", text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise fail("--device", "cpu", text, hint="no CUDA device is available here")
+    return device
+
+
+def check_options(args: argparse.Namespace) -> torch.device:
+    """Refuses, before any work, options that would measure nothing or noise; returns the device."""
+    if not args.models:
+        raise fail("--models", "a comma-separated list of torchvision classification model names", "")
+    unknown = [model for model in args.models if model not in model_names()]
+    if unknown:
+        raise ValueError(f"--models: {unknown_model_message(unknown[0])}")  # the models' own rule and close names
+    if not args.arms:
+        raise fail("--arms", f"a comma-separated list from {', '.join(ARMS)}", "")
+    for arm in args.arms:
+        check_choice("--arms", arm, tuple(ARMS))
+    for flag, value in (("--repeats", args.repeats), ("--layer-repeats", args.layer_repeats)):
+        check_int(flag, value, minimum=MIN_REPEATS, hint="medians of fewer are noise")
+    check_int("--batch-size", args.batch_size, minimum=1)
+    check_int("--image-size", args.image_size, minimum=MIN_IMAGE_SIZE, hint="ImageNet models subsample by 32")
+    if args.inductor_cpu_threads is not None:
+        check_int("--inductor-cpu-threads", args.inductor_cpu_threads, minimum=1)
+        if not args.compile:
+            raise fail("--inductor-cpu-threads", "left out without --compile", args.inductor_cpu_threads)
+    if not (args.per_layer or args.whole_model):
+        raise ValueError("--no-per-layer and --no-whole-model together leave nothing to measure")
+    return check_device(args.device)
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None]:
@@ -507,34 +532,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     parser.add_argument("--whole-model", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", type=Path, help="also write every number here (atomically)")
     args = parser.parse_args(argv)
-
-    def fail(message: str) -> None:
-        parser.error(message)
-
-    unknown_models = [m for m in args.models if m not in model_names()]
-    if not args.models or unknown_models:
-        fail(f"--models: unknown {unknown_models or 'empty list'}; allowed: torchvision classification model names")
-    unknown_arms = [a for a in args.arms if a not in ARMS]
-    if not args.arms or unknown_arms:
-        fail(f"--arms: unknown {unknown_arms or 'empty list'}; allowed: {', '.join(ARMS)}")
-    if args.repeats < MIN_REPEATS or args.layer_repeats < MIN_REPEATS:
-        fail(f"--repeats and --layer-repeats must be >= {MIN_REPEATS} (medians of fewer are noise)")
-    if args.batch_size < 1:
-        fail(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.image_size < MIN_IMAGE_SIZE:
-        fail(f"--image-size must be >= {MIN_IMAGE_SIZE} (ImageNet models subsample by 32), got {args.image_size}")
-    if args.inductor_cpu_threads is not None and (args.inductor_cpu_threads < 1 or not args.compile):
-        fail("--inductor-cpu-threads must be >= 1, and goes with --compile")
-    if not (args.per_layer or args.whole_model):
-        fail("--no-per-layer and --no-whole-model together leave nothing to measure")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device: {args.device!r} is not a device; allowed: cpu, cuda, cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        fail(f"--device: {args.device!r}; allowed: cpu, cuda, cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available here")
+        device = check_options(args)
+    except ValueError as error:
+        parser.error(str(error))  # exits with code 2, the usage line above the message
     arms = args.arms if "baseline" in args.arms else ("baseline", *args.arms)
     settings = Settings(
         models=args.models, arms=arms, device=str(device), channels_last=args.channels_last, compile=args.compile,
@@ -596,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": results,
             "targets": targets,
         }
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(json_path, payload)
         print(f"\nwrote {json_path}")
     return 0

@@ -142,7 +142,7 @@ def test_overhead_runs_end_to_end_and_writes_json(tmp_path, monkeypatch, capsys)
     assert payload["targets"] == []  # the targets are about ResNet-50
     printed = capsys.readouterr().out
     assert "resnet18: forward+backward per replaced layer" in printed and "ours_first" in printed
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside the JSON
 
 
 def test_targets_are_judged_from_the_numbers():
@@ -166,15 +166,17 @@ def test_targets_are_judged_from_the_numbers():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--models", "resnet5O"], "--models: unknown"),
-        (["--arms", "ours_first,theirs"], "--arms: unknown"),
-        (["--repeats", "3"], ">= 5"),
-        (["--image-size", "16"], "--image-size must be >= 32"),
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--device", "tpu"], "--device"),
+        (["--models", "resnet5O"], "--models: unknown model 'resnet5O'; allowed: torchvision classification models"),
+        (["--models", ","], "--models must be a comma-separated list of torchvision classification model names"),
+        (["--arms", "ours_first,theirs"], "--arms must be one of 'baseline', 'ours_first',"),
+        (["--repeats", "3"], "--repeats must be an int >= 5 (medians of fewer are noise), got 3"),
+        (["--layer-repeats", "4"], "--layer-repeats must be an int >= 5"),
+        (["--image-size", "16"], "--image-size must be an int >= 32"),
+        (["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
         (["--no-per-layer", "--no-whole-model"], "nothing to measure"),
-        (["--inductor-cpu-threads", "1"], "goes with --compile"),
-        (["--compile", "--inductor-cpu-threads", "0"], "must be >= 1"),
+        (["--inductor-cpu-threads", "1"], "--inductor-cpu-threads must be left out without --compile, got 1"),
+        (["--compile", "--inductor-cpu-threads", "0"], "--inductor-cpu-threads must be an int >= 1, got 0"),
     ],
 )
 def test_overhead_refuses_bad_options_before_any_work(argv, message, capsys):
@@ -214,3 +216,20 @@ def test_every_blur_form_computes_the_same_values_and_gradients(filter_size, str
         grad = torch.autograd.grad(form(leaf.float(), filter_size, stride).sum(), leaf)[0]
         expected = torch.autograd.grad(blur_kernels.depthwise(leaf.float(), filter_size, stride).sum(), leaf)[0]
         torch.testing.assert_close(grad, expected, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "4"], "--repeats must be an int >= 5 (medians of fewer are noise), got 4"),
+        (["--filter-size", "4"], "--filter-size must be odd (transpose_backward pads symmetrically), got 4"),
+        (["--filter-size", "1"], "--filter-size must be an int >= 3, got 1"),
+        (["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+    ],
+)
+def test_blur_kernels_refuses_bad_options_before_any_work(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(blur_kernels, "measure", lambda *args: pytest.fail("measured despite a bad option"))
+    with pytest.raises(SystemExit) as exit_info:
+        blur_kernels.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
