@@ -29,6 +29,7 @@ def _load(name: str):
 
 overhead = _load("overhead")
 blur_kernels = _load("blur_kernels")
+_SCRIPTS = {"overhead": overhead, "blur_kernels": blur_kernels}
 
 
 def _images(batch: int = 2, side: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,24 +165,34 @@ def test_targets_are_judged_from_the_numbers():
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("script", "argv", "message"),
     [
-        (["--models", "resnet5O"], "--models: unknown model 'resnet5O'; allowed: torchvision classification models"),
-        (["--models", ","], "--models must be a comma-separated list of torchvision classification model names"),
-        (["--arms", "ours_first,theirs"], "--arms must be one of 'baseline', 'ours_first',"),
-        (["--repeats", "3"], "--repeats must be an int >= 5 (medians of fewer are noise), got 3"),
-        (["--layer-repeats", "4"], "--layer-repeats must be an int >= 5"),
-        (["--image-size", "16"], "--image-size must be an int >= 32"),
-        (["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
-        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
-        (["--no-per-layer", "--no-whole-model"], "nothing to measure"),
-        (["--inductor-cpu-threads", "1"], "--inductor-cpu-threads must be left out without --compile, got 1"),
-        (["--compile", "--inductor-cpu-threads", "0"], "--inductor-cpu-threads must be an int >= 1, got 0"),
+        ("overhead", ["--models", "resnet5O"], "--models: unknown model 'resnet5O'; allowed: torchvision"),
+        ("overhead", ["--models", ","], "--models must be a comma-separated list of torchvision classification model"),
+        ("overhead", ["--arms", "ours_first,theirs"], "--arms must be one of 'baseline', 'ours_first',"),
+        ("overhead", ["--repeats", "3"], "--repeats must be an int >= 5 (medians of fewer are noise), got 3"),
+        ("overhead", ["--layer-repeats", "4"], "--layer-repeats must be an int >= 5"),
+        ("overhead", ["--image-size", "16"], "--image-size must be an int >= 32"),
+        ("overhead", ["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+        ("overhead", ["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+        ("overhead", ["--no-per-layer", "--no-whole-model"], "nothing to measure"),
+        ("overhead", ["--inductor-cpu-threads", "1"], "--inductor-cpu-threads must be left out without --compile"),
+        ("overhead", ["--compile", "--inductor-cpu-threads", "0"], "--inductor-cpu-threads must be an int >= 1, got 0"),
+        ("blur_kernels", ["--repeats", "4"], "--repeats must be an int >= 5 (medians of fewer are noise), got 4"),
+        ("blur_kernels", ["--filter-size", "4"], "--filter-size must be odd (transpose_backward pads symmetrically)"),
+        ("blur_kernels", ["--filter-size", "1"], "--filter-size must be an int >= 3, got 1"),
+        ("blur_kernels", ["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
     ],
 )
-def test_overhead_refuses_bad_options_before_any_work(argv, message, capsys):
+def test_benchmarks_refuse_bad_options_before_any_work(script, argv, message, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        pytest.fail("measured despite a bad option")
+
+    for name in ("measure", "measure_model", "measure_layers"):
+        if hasattr(_SCRIPTS[script], name):
+            monkeypatch.setattr(_SCRIPTS[script], name, no_work)
     with pytest.raises(SystemExit) as exit_info:
-        overhead.parse_settings(argv)
+        _SCRIPTS[script].main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -216,20 +227,3 @@ def test_every_blur_form_computes_the_same_values_and_gradients(filter_size, str
         grad = torch.autograd.grad(form(leaf.float(), filter_size, stride).sum(), leaf)[0]
         expected = torch.autograd.grad(blur_kernels.depthwise(leaf.float(), filter_size, stride).sum(), leaf)[0]
         torch.testing.assert_close(grad, expected, msg=name)
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--repeats", "4"], "--repeats must be an int >= 5 (medians of fewer are noise), got 4"),
-        (["--filter-size", "4"], "--filter-size must be odd (transpose_backward pads symmetrically), got 4"),
-        (["--filter-size", "1"], "--filter-size must be an int >= 3, got 1"),
-        (["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
-    ],
-)
-def test_blur_kernels_refuses_bad_options_before_any_work(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(blur_kernels, "measure", lambda *args: pytest.fail("measured despite a bad option"))
-    with pytest.raises(SystemExit) as exit_info:
-        blur_kernels.main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
