@@ -39,7 +39,9 @@ import pickle
 import zipfile
 from typing import Any
 
+import numpy as np
 import torch
+from torch.torch_version import TorchVersion
 
 __all__ = [
     "CHECKPOINT_REASONS",
@@ -90,9 +92,6 @@ def safe_globals() -> tuple[Any, ...]:
     against real checkpoints with ``torch.serialization.get_unsafe_globals_in_checkpoint``: numpy's RNG state (an
     ``ndarray`` of ``uint32``), the timestamps' wall-clock durations, and the torch version in the metadata.
     """
-    import numpy as np
-    from torch.torch_version import TorchVersion
-
     found: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), datetime.timedelta, TorchVersion]
     # numpy 2 pickles arrays through numpy._core, numpy 1 through numpy.core.
     for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):

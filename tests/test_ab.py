@@ -37,6 +37,8 @@ from blurpool_algo.ab_report import compare, describe_values
 from blurpool_algo.algorithm import BlurPool
 from blurpool_algo.checkpoint_files import checkpoint_file_status
 from blurpool_algo.recipe import load_recipe
+from blurpool_algo.train import DIVERGED_EXIT
+from blurpool_algo.train import main as train_main
 from blurpool_algo.trainer import run_recipe
 
 # One worker runs the whole module, so its trained fixture is built once.
@@ -318,11 +320,9 @@ def test_bad_recipe_path_is_an_error_before_any_run(tmp_path, capsys):
 
 
 def test_a_diverged_run_exits_3_and_its_summary_says_so(tmp_path, capsys):
-    from blurpool_algo.train import DIVERGED_EXIT, main
-
     summary = tmp_path / "summary.json"
     lr = ["optimizer.lr=1e12", "scheduler.warmup=0ba"]  # the case: the loss goes NaN at the second batch
-    code = main(["-f", str(QUICKSTART), *TINY, "max_duration=2ba", *lr, "--summary-json", str(summary)])
+    code = train_main(["-f", str(QUICKSTART), *TINY, "max_duration=2ba", *lr, "--summary-json", str(summary)])
     assert code == DIVERGED_EXIT == 3
     written = json.loads(summary.read_text())
     assert written["diverged"] is True and written["shift_consistency"] == {}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import composer.algorithms
 import pytest
 import torch
 from composer import Trainer
@@ -19,6 +20,7 @@ from composer.models import ComposerClassifier
 from helpers import QUICKSTART, QUICKSTART_BASELINE, ROOT, TINY, assert_same_weights
 from torch.utils.data import DataLoader, TensorDataset
 
+from blurpool_algo import BlurPool
 from blurpool_algo.checkpoints import (
     CheckpointError,
     check_model_state,
@@ -26,6 +28,7 @@ from blurpool_algo.checkpoints import (
     load_checkpoint_file,
     parse_algorithm_description,
 )
+from blurpool_algo.evaluate import main as evaluate_main
 from blurpool_algo.models import resnet10
 from blurpool_algo.recipe import RecipeError, load_recipe
 from blurpool_algo.trainer import build_trainer
@@ -135,10 +138,6 @@ def test_descriptions_that_are_refused(saved, tmp_path, description):
 
 
 def test_descriptions_of_known_algorithms_parse_to_their_class():
-    import composer.algorithms
-
-    from blurpool_algo import BlurPool
-
     options = {"filter_size": 4, "pad_mode": "reflect", "exclude": ("layer4.*",)}
     algorithm, args, kwargs = parse_algorithm_description(repr(BlurPool(**options)))
     assert algorithm is BlurPool and args == () and algorithm(**kwargs) == BlurPool(**options)
@@ -224,7 +223,5 @@ def test_command_lines_exit_2_with_one_line_and_no_traceback(saved, tmp_path, ca
     assert result.stderr.strip().splitlines()[-1].startswith("error: command line: load_path: ")
     assert "incomplete checkpoint" in result.stderr
     # The evaluation command's main, in this process.
-    from blurpool_algo.evaluate import main
-
-    assert main(args) == 2
+    assert evaluate_main(args) == 2
     assert capsys.readouterr().err.strip().startswith("error: command line: load_path: ")
