@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torchvision
@@ -23,7 +25,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from blurpool_algo.checkpoints import CheckpointError, load_checkpoint_file
-from blurpool_algo.checks import check_bool
+from blurpool_algo.checks import check_bool, check_choice, fail
 from blurpool_algo.layers import FILTER_BUFFER
 from blurpool_algo.surgery import apply_blurpool
 
@@ -114,7 +116,7 @@ def _state_dict_from(weights: Weights) -> Mapping[str, torch.Tensor]:
         except CheckpointError as error:
             raise ValueError(f"weights: {error}") from None
     else:
-        raise ValueError(f"weights must be a file path or a state dict, got {type(weights).__name__}")
+        raise fail("weights", "a file path or a state dict", type(weights).__name__)
     if isinstance(state, Mapping) and isinstance(state.get("state"), Mapping) and "model" in state["state"]:
         # A Composer checkpoint: the network's keys sit under state.model with the ComposerModel's "module." prefix.
         state = {k.removeprefix("module."): v for k, v in state["state"]["model"].items()}
@@ -190,10 +192,8 @@ def antialiased_model(
     Raises:
         ValueError: for a name outside :data:`PAPER_MODELS`, a bad option, or weights that do not fit.
     """
-    if name not in PAPER_MODELS:
-        close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5)
-        raise ValueError(f"no anti-aliased {name!r}; allowed: {', '.join(PAPER_MODELS)}" + (
-            f" (did you mean {', '.join(close)}?)" if close else ""))  # fmt: skip
+    close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5) if isinstance(name, str) else []
+    check_choice("name", name, PAPER_MODELS, hint=f"did you mean {', '.join(close)}?" if close else "")
     check_bool("strided_stem", strided_stem)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     apply_blurpool(
@@ -205,20 +205,17 @@ def antialiased_model(
     return model
 
 
-def _paper_builder(name: str) -> Callable[..., nn.Module]:
-    def build(
-        *,
-        filter_size: int = 4,
-        pad_mode: str = "reflect",
-        num_classes: int = 1000,
-        weights: Weights | None = None,
-        strided_stem: bool = True,
-    ) -> nn.Module:
-        return antialiased_model(
-            name, filter_size=filter_size, pad_mode=pad_mode, num_classes=num_classes, weights=weights,
-            strided_stem=strided_stem,
-        )  # fmt: skip
+#: A builder's signature: :func:`antialiased_model`'s options, the name fixed.
+_BUILDER_SIGNATURE = inspect.signature(antialiased_model).replace(
+    parameters=[p for p in inspect.signature(antialiased_model).parameters.values() if p.name != "name"]
+)
 
+
+def _paper_builder(name: str) -> Callable[..., nn.Module]:
+    def build(**options: Any) -> nn.Module:
+        return antialiased_model(name, **options)
+
+    build.__signature__ = _BUILDER_SIGNATURE  # type: ignore[attr-defined]
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (
         f"Anti-aliased torchvision ``{name}`` with the paper's placement; see :func:`antialiased_model`.\n\n"

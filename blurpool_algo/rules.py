@@ -190,6 +190,19 @@ class SurgeryContext:
     device: torch.device | None
     sites: Mapping[int, Site]
 
+    @classmethod
+    def of(cls, model: nn.Module, options: BlurPoolOptions, exclusion: Exclusion | None = None) -> SurgeryContext:
+        """The context for a surgery on ``model`` (``exclusion`` defaults to ``options.exclude`` under the model's
+        root); new layers without a weight to follow (pools, blurs) take the dtype and device of the model's first
+        float tensor."""
+        first_float = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+        return cls(
+            options, exclusion if exclusion is not None else Exclusion(options.exclude),
+            first_float.dtype if first_float is not None else None,
+            first_float.device if first_float is not None else None,
+            {id(site.module): site for site in sites_of(model)},
+        )  # fmt: skip
+
     def site(self, module: nn.Module) -> Site:
         """``module``'s site, as the model held it when the surgery began."""
         return self.sites[id(module)]
@@ -247,6 +260,21 @@ def walk(model: nn.Module, rules: Iterable[Rule], context: SurgeryContext) -> li
     decisions with the site of the module each names, in the order they were taken.
 
     The model itself is offered only as a container: the surgery changes what a model holds, never the model.
+
+    Example (a rule of one's own, with its own reason code):
+        >>> from blurpool_algo.options import validate_options
+        >>> class Why(ReasonCode):
+        ...     NO_DROPOUT = "no_dropout", "dropout p={p} removed"
+        >>> def drop_dropout(site, context):
+        ...     if type(site.module) is not nn.Dropout:
+        ...         return None  # not mine: the next rule is asked
+        ...     return replace(site.module, nn.Identity(), Why.NO_DROPOUT, p=site.module.p)
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+        >>> taken = walk(model, [drop_dropout], SurgeryContext.of(model, validate_options()))
+        >>> [(site.name, decision.code.value, decision.reason) for site, decision in taken]
+        [('1', 'no_dropout', 'dropout p=0.5 removed')]
+        >>> model[1]
+        Identity()
     """
     rules = tuple(rules)
     decided: set[int] = set()  # modules a decision named or replaced

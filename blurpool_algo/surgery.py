@@ -28,7 +28,7 @@ from blurpool_algo.layer_rules import CONV_PLACEMENT, PAPER_PLACEMENT
 from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d
 from blurpool_algo.options import PLACEMENTS, BlurPoolOptions, validate_options
 from blurpool_algo.resnet_rules import RESNET_RULES
-from blurpool_algo.rules import Decision, ReasonCode, Rule, Site, SurgeryContext, sites_of, walk
+from blurpool_algo.rules import Decision, ReasonCode, Rule, Site, SurgeryContext, walk
 
 __all__ = [
     "PLACEMENTS",
@@ -179,14 +179,6 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _reference_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
-    """The dtype and device of new layers that have no weight to follow (pools): the model's first float tensor's."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    return None, None
-
-
 def apply_blurpool(
     model: nn.Module,
     *,
@@ -282,9 +274,7 @@ def apply_blurpool_options(
     unmatched = unmatched_exclude_patterns(model, options.exclude, exclusion.roots)
     for pattern, closest in unmatched:
         warnings.warn(_unmatched_warning(model, pattern, closest, exclusion.roots), UserWarning, stacklevel=3)
-    dtype, device = _reference_dtype_device(model)
-    sites = {id(site.module): site for site in sites_of(model)}
-    context = SurgeryContext(options, exclusion, dtype, device, sites)
+    context = SurgeryContext.of(model, options, exclusion)
     report = BlurPoolReport(options=options, unmatched_exclude=tuple(pattern for pattern, _ in unmatched))
     for site, decision in walk(model, PLACEMENT_RULES[options.placement], context):
         (report.replaced if decision.blur is not None else report.skipped).append(ModuleDecision.of(site, decision))

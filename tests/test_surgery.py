@@ -27,9 +27,12 @@ from blurpool_algo import (
     BlurPool2d,
     BlurPoolReport,
     apply_blurpool,
+    rules,
     surgery,
 )
-from blurpool_algo.rules import EXCLUSIONS, Reason
+from blurpool_algo.exclusion import Exclusion
+from blurpool_algo.resnet_rules import ResNetReason
+from blurpool_algo.rules import EXCLUSIONS, Decision, Reason, ReasonCode, Site, SurgeryContext
 
 BLUR_TYPES = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d)
 COMPOSER_BLUR_TYPES = (composer_layers.BlurConv2d, composer_layers.BlurMaxPool2d)
@@ -551,6 +554,78 @@ def test_shared_module_replaced_once() -> None:
     with torch.no_grad():
         expected = blur_other(torch.relu(blur_other(blur_a(blur_a(x)))))
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_paper_placement_replaces_a_shared_pool_at_every_place() -> None:
+    pool = nn.MaxPool2d(2)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), pool, nn.ReLU(), pool)
+    report = apply_blurpool(model, placement="after_activation")
+    assert isinstance(model[1], BlurMaxPool2d) and model[1] is model[3]
+    assert [(d.name, d.code) for d in report.replaced] == [("1", Reason.BLURRED_POOL)]
+    assert report.skipped == []  # the paper's placement reports subsampling layers only
+    assert "shared: also 3" in report.replaced[0].reason
+
+
+# ------------------------------------------------------------------------------------------- rules and reason codes
+
+
+def test_paper_placement_codes_on_resnet18() -> None:
+    # torchvision's ResNet-18, read from its definition: the stem conv (3 input channels) stays strided; the stem
+    # max-pool, the strided conv1 of layer2..4's first block and their 1x1 shortcuts are blurred.
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    report = apply_blurpool(model, placement="after_activation")
+    codes = {d.name: d.code for d in report.replaced}
+    assert codes == {
+        "maxpool": Reason.BLURRED_POOL,
+        **{f"layer{i}.0.conv1": ResNetReason.BLUR_INTO_NEXT_CONV for i in (2, 3, 4)},
+        **{f"layer{i}.0.downsample.0": Reason.BLURRED_SHORTCUT for i in (2, 3, 4)},
+    }
+    assert [(d.name, d.code) for d in report.skipped] == [("conv1", Reason.FEW_CHANNELS)]
+    assert report.replaced[1].details == {"stride": (2, 2), "consumer": "layer2.0.conv2"}
+    assert all(d.reason == d.code.message(**d.details) for d in report.replaced)
+
+
+def test_excluding_the_conv_a_block_would_change_vetoes_the_block() -> None:
+    # The paper's placement in a BasicBlock changes conv1 (to stride 1) and conv2 (which takes the blur): excluding
+    # conv2 leaves the whole block as it is, and the report says which name vetoed it.
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    report = apply_blurpool(model, placement="after_activation", exclude=["layer2.0.conv2"])
+    vetoed = next(d for d in report.skipped if d.name == "layer2.0.conv1")
+    assert vetoed.code is Reason.PARTNER_EXCLUDED
+    assert vetoed.details == {"pattern": "layer2.0.conv2", "matched": "layer2.0.conv2"}
+    assert type(model.layer2[0].conv2) is nn.Conv2d and model.layer2[0].conv1.stride == (2, 2)
+    assert type(model.layer3[0].conv2) is BlurInputConv2d
+
+
+class _Why(ReasonCode):
+    STRIDED_CONV1D = "strided_conv1d", "stride {stride}: a 1-D conv, left as it is"
+
+
+def _strided_conv1d(site: Site, context: SurgeryContext) -> Decision | None:
+    if type(site.module) is not nn.Conv1d or site.module.stride == (1,):
+        return None
+    return context.excluded(site) or rules.refuse(site.module, _Why.STRIDED_CONV1D, stride=site.module.stride)
+
+
+def test_a_new_layer_kind_is_one_rule() -> None:
+    # A rule of its own, with its own reason code, beside the conv placement's rules: the walker offers it every
+    # module; the generic rules still handle theirs, and exclusion applies to the new rule through the context.
+    model = nn.ModuleDict({
+        "temporal": nn.Conv1d(16, 16, 3, stride=2), "skipped": nn.Conv1d(16, 16, 3, stride=2),
+        "spatial": nn.Conv2d(16, 16, 3, stride=2),
+    })  # fmt: skip
+    options = surgery.validate_options(exclude=["skipped"])
+    context = rules.SurgeryContext.of(model, options, Exclusion(options.exclude))
+    taken = rules.walk(model, (*surgery.PLACEMENT_RULES["conv"], _strided_conv1d), context)
+    assert [(site.name, decision.code) for site, decision in taken] == [
+        ("temporal", _Why.STRIDED_CONV1D),
+        ("skipped", Reason.EXCLUDED),
+        ("spatial", Reason.BLURRED_CONV),
+    ]
+    assert taken[0][1].reason == "stride (2,): a 1-D conv, left as it is"
+    assert type(model["temporal"]) is nn.Conv1d and isinstance(model["spatial"], BlurConv2d)
 
 
 # ------------------------------------------------------------------------------------ dtype, device, mode, layout

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 from blurpool_algo.checks import check_int, check_int_or_pair, fail
 from blurpool_algo.filters import binomial_filter_2d, blur_padding, validate_filter_size, validate_pad_mode
 
-__all__ = ["FILTER_BUFFER", "BlurPool2d", "OptionalFilterOnLoad", "blur_pool2d", "blur_subsample", "check_stride"]
+__all__ = [
+    "FILTER_BUFFER",
+    "BlurPool2d",
+    "OptionalFilterOnLoad",
+    "blur_pool2d",
+    "blur_subsample",
+    "check_stride",
+    "setup_blur",
+]
 
 #: The name of the buffer that holds a blur layer's filter (``<module>.blur_filter`` in a state dict).
 FILTER_BUFFER = "blur_filter"
@@ -83,6 +91,14 @@ def blur_subsample(
         # Symmetric zero padding goes into the conv itself: no padded copy of the map.
         return F.conv2d(x, weight, stride=stride, padding=pads[0], groups=channels)
     return F.conv2d(_pad(x, pads, pad_mode), weight, stride=stride, groups=channels)
+
+
+def setup_blur(module: nn.Module, channels: int, filter_size: int, pad_mode: str, device: Any, dtype: Any) -> None:
+    """Checks and sets a blur layer's ``filter_size``, ``pad_mode`` and ``blur_pads``, and registers its filter."""
+    module.filter_size = validate_filter_size(filter_size)
+    module.pad_mode = validate_pad_mode(pad_mode)
+    module.blur_pads = list(blur_pads(filter_size))
+    register_filter(module, channels, filter_size, device, dtype)
 
 
 def register_filter(module: nn.Module, channels: int, filter_size: int, device: Any, dtype: Any) -> None:

@@ -11,8 +11,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blurpool_algo.filters import binomial_filter_2d, validate_filter_size, validate_pad_mode
-from blurpool_algo.layers.blur import OptionalFilterOnLoad, blur_pads, blur_subsample, check_stride, register_filter
+from blurpool_algo.checks import check_bool
+from blurpool_algo.filters import binomial_filter_2d
+from blurpool_algo.layers.blur import OptionalFilterOnLoad, blur_subsample, check_stride, setup_blur
 
 __all__ = ["BlurConv2d", "BlurInputConv2d", "conv_copy"]
 
@@ -49,7 +50,41 @@ def conv_copy(conv: nn.Conv2d, cls: type[_Conv] = nn.Conv2d, *, stride: Any = No
     return new
 
 
-class BlurConv2d(OptionalFilterOnLoad, nn.Conv2d):
+class _BlurringConv(OptionalFilterOnLoad, nn.Conv2d):
+    """An ``nn.Conv2d`` with a blur: ``nn.Conv2d``'s arguments, then keyword-only ``filter_size``, ``pad_mode`` and
+    the options the subclass's :meth:`_setup` takes."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+        **blur_options: Any,
+    ) -> None:
+        check_stride(stride)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        setup_blur(self, self._setup(**blur_options), filter_size, pad_mode, device, dtype)
+
+    def _setup(self, **blur_options: Any) -> int:
+        """Takes the subclass's own blur options; returns how many channels the blur filters."""
+        raise NotImplementedError
+
+
+class BlurConv2d(_BlurringConv):
     """A :class:`torch.nn.Conv2d` whose subsampling is anti-aliased.
 
     ``blur_first=True`` blurs the input at stride 1, then runs the strided conv (Composer's default, cheapest).
@@ -71,38 +106,12 @@ class BlurConv2d(OptionalFilterOnLoad, nn.Conv2d):
     Use :meth:`from_conv` to anti-alias an existing conv while keeping its parameters.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        blur_first: bool = True,
-        filter_size: int = 3,
-        pad_mode: str = "zeros",
-    ) -> None:
-        check_stride(stride)
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device=device, dtype=dtype,
-        )  # fmt: skip
-        self.blur_first = bool(blur_first)
-        self.filter_size = validate_filter_size(filter_size)
-        self.pad_mode = validate_pad_mode(pad_mode)
+    def _setup(self, *, blur_first: bool = True) -> int:  # type: ignore[override]
+        self.blur_first = check_bool("blur_first", blur_first)
         self.blur_stride = [int(s) for s in self.stride]
-        self.blur_pads = list(blur_pads(filter_size))
         # An unpadded 1x1 conv ("pointwise") can take its input already blurred and subsampled: see forward.
         self.pointwise = self.kernel_size == (1, 1) and self.padding in ((0, 0), "valid")
-        blurred_channels = in_channels if self.blur_first else out_channels
-        register_filter(self, blurred_channels, filter_size, device, dtype)
+        return self.in_channels if self.blur_first else self.out_channels
 
     @classmethod
     def from_conv(
@@ -146,7 +155,7 @@ class BlurConv2d(OptionalFilterOnLoad, nn.Conv2d):
         )
 
 
-class BlurInputConv2d(OptionalFilterOnLoad, nn.Conv2d):
+class BlurInputConv2d(_BlurringConv):
     """A :class:`torch.nn.Conv2d` that first blurs and subsamples its input: a :class:`BlurPool2d` in front of the conv,
     as one module.
 
@@ -163,33 +172,9 @@ class BlurInputConv2d(OptionalFilterOnLoad, nn.Conv2d):
         pad_mode: padding of the blur: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        blur_stride: int | tuple[int, int] = 2,
-        filter_size: int = 3,
-        pad_mode: str = "zeros",
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device=device, dtype=dtype,
-        )  # fmt: skip
+    def _setup(self, *, blur_stride: int | tuple[int, int] = 2) -> int:  # type: ignore[override]
         self.blur_stride = list(check_stride(blur_stride, "blur_stride"))
-        self.filter_size = validate_filter_size(filter_size)
-        self.pad_mode = validate_pad_mode(pad_mode)
-        self.blur_pads = list(blur_pads(filter_size))
-        register_filter(self, in_channels, filter_size, device, dtype)
+        return self.in_channels
 
     @classmethod
     def from_conv(

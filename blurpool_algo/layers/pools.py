@@ -12,8 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from blurpool_algo.checks import fail
-from blurpool_algo.filters import validate_filter_size, validate_pad_mode
-from blurpool_algo.layers.blur import OptionalFilterOnLoad, blur_pads, blur_subsample, check_stride, register_filter
+from blurpool_algo.layers.blur import OptionalFilterOnLoad, blur_subsample, check_stride, setup_blur
 
 __all__ = ["BlurAvgPool2d", "BlurMaxPool2d"]
 
@@ -68,12 +67,9 @@ class BlurMaxPool2d(OptionalFilterOnLoad, nn.MaxPool2d):
         dtype: Any = None,
     ) -> None:
         super().__init__(kernel_size, stride, padding, dilation, return_indices=False, ceil_mode=ceil_mode)
-        self.filter_size = validate_filter_size(filter_size)
-        self.pad_mode = validate_pad_mode(pad_mode)
         self.blur_stride = list(check_stride(self.stride))
-        self.blur_pads = list(blur_pads(filter_size))
         self.ceil_extension = _ceil_mode_extension(self)
-        register_filter(self, 1, filter_size, device, dtype)
+        setup_blur(self, 1, filter_size, pad_mode, device, dtype)
 
     @classmethod
     def from_maxpool(
@@ -132,12 +128,9 @@ class BlurAvgPool2d(OptionalFilterOnLoad, nn.AvgPool2d):
         dtype: Any = None,
     ) -> None:
         super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-        self.filter_size = validate_filter_size(filter_size)
-        self.pad_mode = validate_pad_mode(pad_mode)
         self.blur_stride = list(check_stride(self.stride))
-        self.blur_pads = list(blur_pads(filter_size))
         self.ceil_extension = _ceil_mode_extension(self)
-        register_filter(self, 1, filter_size, device, dtype)
+        setup_blur(self, 1, filter_size, pad_mode, device, dtype)
 
     @classmethod
     def from_avgpool(
