@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from blurpool_algo.ab_plan import ARMS, ABError, Plan, make_plan
+from blurpool_algo.ab_plan import ARMS, SEEDS_HINT, ABError, Plan, make_plan
 from blurpool_algo.ab_report import format_table, table_rows, write_report
 from blurpool_algo.files import write_json_atomically
 from blurpool_algo.summary import describe_run
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--baseline", required=True, help="the baseline recipe, e.g. yamls/quickstart_baseline.yaml")
     parser.add_argument("--treatment", required=True, help="the treatment recipe, e.g. yamls/quickstart_blurpool.yaml")
-    parser.add_argument("--seeds", default="3", help="a count (3: seeds 17, 18, 19) or a list (1,5,9); default 3")
+    parser.add_argument("--seeds", default="3", help=f"a count or a list ({SEEDS_HINT}); default 3")
     parser.add_argument("--out", default="runs/ab", help="the A/B's folder (default runs/ab)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run, through Composer's launcher")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)

@@ -28,13 +28,24 @@ from omegaconf import OmegaConf
 
 import blurpool_algo
 from blurpool_algo.checks import check_int, fail
-from blurpool_algo.recipe import RecipeError, load_recipe, recipe_parts
+from blurpool_algo.recipe import Recipe, RecipeError, load_recipe, recipe_parts
 
-__all__ = ["ARMS", "ABError", "Plan", "arm_differences", "effective_options", "make_plan", "parse_seeds"]
+__all__ = [
+    "ARMS",
+    "FIRST_SEED",
+    "SEEDS_HINT",
+    "ABError",
+    "Plan",
+    "arm_differences",
+    "effective_options",
+    "make_plan",
+    "parse_seeds",
+]
 
 ARMS: tuple[str, ...] = ("baseline", "treatment")
-#: ``--seeds 3`` means three seeds from the recipes' own seed up.
-FIRST_SEED = 17
+#: ``--seeds 3`` means three seeds from the schema's default seed up (the recipes' own seed, 17).
+FIRST_SEED: int = Recipe.seed
+SEEDS_HINT = f"3: seeds {FIRST_SEED}, {FIRST_SEED + 1}, {FIRST_SEED + 2}; 1,5,9: those seeds"
 
 
 class ABError(RuntimeError):
@@ -89,7 +100,7 @@ class Plan:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``'3'`` -> three seeds from 17 (the recipes' seed) up; ``'1,5,9'`` -> those seeds."""
+    """``'3'`` -> three seeds from :data:`FIRST_SEED` up; ``'1,5,9'`` -> those seeds."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
@@ -98,8 +109,7 @@ def parse_seeds(text: str) -> list[int]:
         return [FIRST_SEED + i for i in range(values[0])]
     if len(values) > 1 and len(set(values)) == len(values) and min(values) >= 0:
         return values
-    error = fail("--seeds", "a count >= 1 or a list of distinct seeds >= 0", text, "3: seeds 17, 18, 19; 1,5,9: those")
-    raise ABError(str(error))
+    raise ABError(str(fail("--seeds", "a count >= 1 or a list of distinct seeds >= 0", text, SEEDS_HINT)))
 
 
 def _jsonable(value: Any) -> Any:
