@@ -77,12 +77,14 @@ def strided_only(rule: Rule) -> Rule:
 
 
 def already_anti_aliased(site: Site, context: SurgeryContext) -> Outcome:
+    """A blur layer this surgery made: reported, never blurred twice (a second surgery changes nothing)."""
     if isinstance(site.module, BLUR_LAYER_TYPES) and isinstance(site.module, CANDIDATES):
         return refuse(site.module, Reason.ALREADY_ANTI_ALIASED)
     return None
 
 
 def subclass_of_a_candidate(site: Site, context: SurgeryContext) -> Outcome:
+    """A subclass of a conv or pool: reported, never swapped for a layer whose forward may differ."""
     base = next((base for base in CANDIDATES if isinstance(site.module, base)), None)
     if base is not None and type(site.module) is not base:
         return refuse(site.module, Reason.SUBCLASS, base=base.__name__, kind=type(site.module).__qualname__)

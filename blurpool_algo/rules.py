@@ -255,9 +255,10 @@ def sites_of(model: nn.Module) -> list[Site]:
     return [Site(modules[key], tuple(found)) for key, found in places.items()]
 
 
-def walk(model: nn.Module, rules: Iterable[Rule], context: SurgeryContext) -> list[tuple[Site, Decision]]:
-    """Offers every module of ``model`` to ``rules`` in order, applies each decision's changes, and returns the
-    decisions with the site of the module each names, in the order they were taken.
+def walk(rules: Iterable[Rule], context: SurgeryContext) -> list[tuple[Site, Decision]]:
+    """Offers every module of the model ``context`` was made for (:meth:`SurgeryContext.of`) to ``rules`` in order,
+    applies each decision's changes, and returns the decisions with the site of the module each names, in the order
+    they were taken.
 
     The model itself is offered only as a container: the surgery changes what a model holds, never the model.
 
@@ -270,7 +271,7 @@ def walk(model: nn.Module, rules: Iterable[Rule], context: SurgeryContext) -> li
         ...         return None  # not mine: the next rule is asked
         ...     return replace(site.module, nn.Identity(), Why.NO_DROPOUT, p=site.module.p)
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
-        >>> taken = walk(model, [drop_dropout], SurgeryContext.of(model, validate_options()))
+        >>> taken = walk([drop_dropout], SurgeryContext.of(model, validate_options()))
         >>> [(site.name, decision.code.value, decision.reason) for site, decision in taken]
         [('1', 'no_dropout', 'dropout p=0.5 removed')]
         >>> model[1]

@@ -276,7 +276,7 @@ def apply_blurpool_options(
         warnings.warn(_unmatched_warning(model, pattern, closest, exclusion.roots), UserWarning, stacklevel=3)
     context = SurgeryContext.of(model, options, exclusion)
     report = BlurPoolReport(options=options, unmatched_exclude=tuple(pattern for pattern, _ in unmatched))
-    for site, decision in walk(model, PLACEMENT_RULES[options.placement], context):
+    for site, decision in walk(PLACEMENT_RULES[options.placement], context):
         (report.replaced if decision.blur is not None else report.skipped).append(ModuleDecision.of(site, decision))
     return report
 

@@ -618,7 +618,7 @@ def test_a_new_layer_kind_is_one_rule() -> None:
     })  # fmt: skip
     options = surgery.validate_options(exclude=["skipped"])
     context = rules.SurgeryContext.of(model, options, Exclusion(options.exclude))
-    taken = rules.walk(model, (*surgery.PLACEMENT_RULES["conv"], _strided_conv1d), context)
+    taken = rules.walk((*surgery.PLACEMENT_RULES["conv"], _strided_conv1d), context)
     assert [(site.name, decision.code) for site, decision in taken] == [
         ("temporal", _Why.STRIDED_CONV1D),
         ("skipped", Reason.EXCLUDED),
