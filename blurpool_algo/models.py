@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from blurpool_algo.checkpoints import CheckpointError, load_checkpoint_file
+from blurpool_algo.checkpoint_files import CheckpointError, load_checkpoint_file
 from blurpool_algo.checks import check_bool, check_choice, fail
 from blurpool_algo.layers import FILTER_BUFFER
 from blurpool_algo.surgery import apply_blurpool
