@@ -73,8 +73,10 @@ class BlurPool(Algorithm):
             are left alone, listed in :attr:`report` and named in a warning.
 
     Example:
-        >>> from composer import Trainer
-        >>> trainer = Trainer(model=model, algorithms=[BlurPool(blur_first=True)], ...)  # doctest: +SKIP
+        .. code-block:: python
+
+            from composer import Trainer
+            trainer = Trainer(model=model, algorithms=[BlurPool(blur_first=True)], ...)
     """
 
     def __init__(

@@ -219,7 +219,12 @@ def _paper_builder(name: str) -> Callable[..., nn.Module]:
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (
         f"Anti-aliased torchvision ``{name}`` with the paper's placement; see :func:`antialiased_model`.\n\n"
-        f"    Example:\n        >>> model = {name}(weights='{name}.pth')  # doctest: +SKIP\n"
+        f"    ``{name}(weights=path)`` starts from a local state dict (a baseline's, a checkpoint's).\n\n"
+        f"    Example:\n"
+        f"        >>> with torch.device('meta'):  # the structure only: no memory, no weights\n"
+        f"        ...     model = {name}()\n"
+        f"        >>> any(key.endswith(FILTER_BUFFER) for key, _ in model.named_buffers())\n"
+        f"        True\n"
     )
     return build
 

@@ -101,9 +101,11 @@ class ThroughputMonitor(Callback):
             a reset VmHWM), ``"rss"`` (VmRSS samples only, the reset was refused), ``"ru_maxrss"``; empty before a fit.
 
     Example:
-        >>> trainer = Trainer(..., callbacks=[ThroughputMonitor(window_size=50)])  # doctest: +SKIP
-        >>> trainer.fit()  # doctest: +SKIP
-        >>> trainer.state.callbacks[0].summary["samples_per_sec"]  # doctest: +SKIP
+        .. code-block:: python
+
+            trainer = Trainer(..., callbacks=[ThroughputMonitor(window_size=50)])
+            trainer.fit()
+            trainer.state.callbacks[0].summary["samples_per_sec"]
     """
 
     def __init__(self, window_size: int = 100) -> None:
