@@ -17,7 +17,13 @@ from composer.utils import create_interval_scheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from blurpool_algo.metrics import NonFiniteLogitsError, shift_consistency, validate_consistency_options
+from blurpool_algo.metrics import (
+    PAPER_CROP_SIZE,
+    PAPER_MAX_SHIFT,
+    NonFiniteLogitsError,
+    shift_consistency,
+    validate_consistency_options,
+)
 
 __all__ = ["ShiftConsistencyMonitor", "network_of"]
 
@@ -91,8 +97,8 @@ class ShiftConsistencyMonitor(Callback):
         self,
         dataloader: Iterable | None = None,
         mode: str = "crop",
-        max_shift: int = 32,
-        crop_size: int | None = 224,
+        max_shift: int = PAPER_MAX_SHIFT,
+        crop_size: int | None = PAPER_CROP_SIZE,
         num_batches: int | None = None,
         interval: str | int | Time = "1ep",
         seed: int = 0,

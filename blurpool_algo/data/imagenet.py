@@ -21,6 +21,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
 from blurpool_algo.data.specs import DataError, DataOptions, DatasetSpec
+from blurpool_algo.metrics.protocol import PAPER_CROP_SIZE, PAPER_MAX_SHIFT
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageNetSpec", "TooManyBadImagesError", "bad_image_count"]
 
@@ -210,10 +211,10 @@ class ImageNetSpec(DatasetSpec):
         return sum(1 for entry in os.scandir(_root(options) / "train") if entry.is_dir())
 
     def image_size(self, options: DataOptions) -> int:
-        return options.image_size or 224
+        return options.image_size or PAPER_CROP_SIZE  # the standard ResNet crop, the one the paper measures at
 
     def default_max_shift(self, options: DataOptions) -> int:
-        return 32  # the paper's, at 224 px
+        return PAPER_MAX_SHIFT
 
     def datasets(self, options: DataOptions, *, eval_batch_size: int) -> tuple[Dataset, Dataset]:
         # The standard ResNet recipe; a smaller image_size scales the eval resize and crop alike (keeps 256/224).

@@ -33,11 +33,20 @@ from blurpool_algo.metrics.measure import (
     validate_consistency_options,
 )
 from blurpool_algo.metrics.plot import plot_diagonal_stability
-from blurpool_algo.metrics.protocol import CONSISTENCY_MODES, ConsistencyProtocol, shifted_crops, shifted_rolls
+from blurpool_algo.metrics.protocol import (
+    CONSISTENCY_MODES,
+    PAPER_CROP_SIZE,
+    PAPER_MAX_SHIFT,
+    ConsistencyProtocol,
+    shifted_crops,
+    shifted_rolls,
+)
 
 __all__ = [
     "CONSISTENCY_MODES",
     "OFFSET_DRAWS",
+    "PAPER_CROP_SIZE",
+    "PAPER_MAX_SHIFT",
     "ConsistencyProtocol",
     "DiagonalStability",
     "DiagonalStabilityMetric",

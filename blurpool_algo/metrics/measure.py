@@ -34,7 +34,7 @@ from blurpool_algo.metrics.counting import (
     metric_on,
     raise_if_any_rank_diverged,
 )
-from blurpool_algo.metrics.protocol import ConsistencyProtocol
+from blurpool_algo.metrics.protocol import PAPER_MAX_SHIFT, ConsistencyProtocol
 
 __all__ = [
     "OFFSET_DRAWS",
@@ -51,7 +51,7 @@ OFFSET_DRAWS: tuple[str, ...] = ("per_image", "per_batch")
 def validate_consistency_options(
     *,
     mode: str = "crop",
-    max_shift: int = 32,
+    max_shift: int = PAPER_MAX_SHIFT,
     crop_size: int | None = None,
     offsets: str = "per_image",
     num_batches: int | None = None,

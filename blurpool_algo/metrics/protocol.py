@@ -23,10 +23,23 @@ from torch import Tensor
 
 from blurpool_algo.checks import check_choice, check_int
 
-__all__ = ["CONSISTENCY_MODES", "ConsistencyProtocol", "center_crop", "shifted_crops", "shifted_rolls"]
+__all__ = [
+    "CONSISTENCY_MODES",
+    "PAPER_CROP_SIZE",
+    "PAPER_MAX_SHIFT",
+    "ConsistencyProtocol",
+    "center_crop",
+    "shifted_crops",
+    "shifted_rolls",
+]
 
 #: Values of ``mode``: two random crops (the paper's protocol) or two circular shifts.
 CONSISTENCY_MODES: tuple[str, ...] = ("crop", "circular")
+
+#: The paper's ImageNet protocol (Zhang 2019): 224 px crops at offsets in [0, 32) per axis. The defaults of every
+#: measurement and of the monitor, and ImageNet's consistency defaults, are these two numbers, written only here.
+PAPER_MAX_SHIFT = 32
+PAPER_CROP_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,8 @@ class ConsistencyProtocol:
     """
 
     mode: str = "crop"
-    max_shift: int = 32
-    crop_size: int | None = 224
+    max_shift: int = PAPER_MAX_SHIFT
+    crop_size: int | None = PAPER_CROP_SIZE
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, CONSISTENCY_MODES)
