@@ -71,6 +71,10 @@ class BlurPool(Algorithm):
             the blur subsamples; ``blur_first`` does not apply). The paper's placement is recognized in
             ``nn.Sequential`` conv -> BN -> activation runs and in torchvision's ResNet blocks; other strided convs
             are left alone, listed in :attr:`report` and named in a warning.
+        sampling: ``'fixed'`` (every stride-th sample, as above) or ``'adaptive'`` (APS: per sample, the polyphase
+            component of largest l2 norm; ties go to the first). See :func:`~blurpool_algo.apply_blurpool`.
+        circular_padding: make every padding of the network circular (all ``nn.Conv2d`` layers, the blurs, the
+            max-pools), under which ``sampling='adaptive'`` makes a network exactly invariant to circular shifts.
 
     Example:
         .. code-block:: python
@@ -90,12 +94,14 @@ class BlurPool(Algorithm):
         replace_avgpools: bool = False,
         exclude: Sequence[str] = (),
         placement: str = "conv",
+        sampling: str = "fixed",
+        circular_padding: bool = False,
     ) -> None:
         #: The validated options, frozen; each is also a plain attribute (``algo.blur_first``), like Composer's.
         self.options: BlurPoolOptions = validate_options(
             replace_convs=replace_convs, replace_maxpools=replace_maxpools, blur_first=blur_first,
             min_channels=min_channels, filter_size=filter_size, pad_mode=pad_mode, replace_avgpools=replace_avgpools,
-            exclude=exclude, placement=placement,
+            exclude=exclude, placement=placement, sampling=sampling, circular_padding=circular_padding,
         )  # fmt: skip
         self.replace_convs = self.options.replace_convs
         self.replace_maxpools = self.options.replace_maxpools
@@ -106,6 +112,8 @@ class BlurPool(Algorithm):
         self.replace_avgpools = self.options.replace_avgpools
         self.exclude = self.options.exclude
         self.placement = self.options.placement
+        self.sampling = self.options.sampling
+        self.circular_padding = self.options.circular_padding
         #: The report of the last surgery this algorithm did (None before ``Event.INIT``).
         self.report: BlurPoolReport | None = None
 

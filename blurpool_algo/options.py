@@ -1,7 +1,8 @@
 """The surgery's options: checked once, kept frozen, read by every rule.
 
 The defaults reproduce ``composer.algorithms.BlurPool()``: 3-tap binomial filter, zero padding, the blur before the
-strided conv, convs with fewer than 16 input channels (the RGB stem) left alone.
+strided conv, convs with fewer than 16 input channels (the RGB stem) left alone, the fixed subsampling grid, the
+network's own padding.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from blurpool_algo.checks import check_bool, check_choice, check_int, fail
 from blurpool_algo.exclusion import check_patterns
 from blurpool_algo.filters import validate_filter_size, validate_pad_mode
 
-__all__ = ["PLACEMENTS", "BlurPoolOptions", "validate_options"]
+__all__ = ["PLACEMENTS", "SAMPLINGS", "BlurPoolOptions", "validate_options"]
 
 #: Where a strided conv's blur goes: at the conv (``blur_first`` picks before or after it, Composer's two modes), or
 #: after the conv's BatchNorm and activation (the paper's placement).
 PLACEMENTS: tuple[str, ...] = ("conv", "after_activation")
+
+#: How a blur layer subsamples: ``'fixed'`` keeps every stride-th sample (the grid starts at the first), ``'adaptive'``
+#: keeps, per sample, the polyphase component of largest l2 norm (APS, Chaman & Dokmanic 2021).
+SAMPLINGS: tuple[str, ...] = ("fixed", "adaptive")
 
 _SWITCHES = ("replace_convs", "replace_maxpools", "replace_avgpools")
 
@@ -35,6 +40,8 @@ class BlurPoolOptions:
     pad_mode: str = "zeros"
     exclude: tuple[str, ...] = ()
     placement: str = "conv"
+    sampling: str = "fixed"
+    circular_padding: bool = False
 
 
 #: The option names, in the order of :class:`BlurPoolOptions`.
@@ -58,13 +65,14 @@ def validate_options(**options: Any) -> BlurPoolOptions:
     if unknown:
         raise fail("every BlurPool option", f"one of {', '.join(OPTION_NAMES)}", unknown, "unknown options")
     checked = {**{name: getattr(BlurPoolOptions, name) for name in OPTION_NAMES}, **options}
-    for name in (*_SWITCHES, "blur_first"):
+    for name in (*_SWITCHES, "blur_first", "circular_padding"):
         check_bool(name, checked[name])
     check_int("min_channels", checked["min_channels"], minimum=0)
     validate_filter_size(checked["filter_size"])
     validate_pad_mode(checked["pad_mode"])
     checked["exclude"] = check_patterns(checked["exclude"])
     check_choice("placement", checked["placement"], PLACEMENTS)
+    check_choice("sampling", checked["sampling"], SAMPLINGS, hint="'adaptive' is APS, the largest-norm phase")
     if not any(checked[name] for name in _SWITCHES):
         switches = tuple(checked[name] for name in _SWITCHES)
         raise fail(" or ".join(_SWITCHES), "True for at least one", switches, "else there is nothing to replace")

@@ -191,6 +191,8 @@ def apply_blurpool(
     pad_mode: str = "zeros",
     exclude: Sequence[str] = (),
     placement: str = "conv",
+    sampling: str = "fixed",
+    circular_padding: bool = False,
     optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
 ) -> BlurPoolReport:
     """Replaces, in place, the subsampling layers of ``model`` by anti-aliased ones.
@@ -224,6 +226,14 @@ def apply_blurpool(
             structure: a conv followed by BatchNorm and an activation in an ``nn.Sequential``, or a torchvision ResNet
             block or stem. Strided convs elsewhere are reported as skipped. Strided unpadded 1x1 convs (shortcuts)
             blur first, then run at stride 1, and average pools become a :class:`BlurPool2d`, as in the paper.
+        sampling: how every blur layer subsamples: ``'fixed'`` (every stride-th sample, starting at the first) or
+            ``'adaptive'`` (adaptive polyphase sampling, APS: per sample, of the ``stride**2`` polyphase components the
+            one of largest l2 norm over channels and space; ties go to the first). Same layers, same state-dict keys.
+        circular_padding: ``True`` makes every padding in the network circular: every ``nn.Conv2d`` (stride 1 too)
+            gets ``padding_mode='circular'``, every blur pads circularly, and every max-pool pads circularly instead
+            of with -inf. With ``sampling='adaptive'`` and a global pool at the end, the network is then exactly
+            invariant to circular shifts (``torch.roll``) of its input. Convs the surgery otherwise leaves alone
+            (the RGB stem under ``min_channels``, excluded ones) are padded circularly too.
         optimizers: accepted for Composer's functional-API signature. The surgery reuses every Parameter object, so
             existing optimizers need no update; they are only checked to be optimizers.
 
@@ -243,7 +253,7 @@ def apply_blurpool(
     options = validate_options(
         replace_convs=replace_convs, replace_maxpools=replace_maxpools, replace_avgpools=replace_avgpools,
         blur_first=blur_first, min_channels=min_channels, filter_size=filter_size, pad_mode=pad_mode, exclude=exclude,
-        placement=placement,
+        placement=placement, sampling=sampling, circular_padding=circular_padding,
     )  # fmt: skip
     if optimizers is not None:
         optimizer_list = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
