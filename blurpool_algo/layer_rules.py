@@ -9,17 +9,23 @@ then a blur subsamples. :func:`conv_norm_activation_runs` finds that run in an `
 their own structure rules in front (:mod:`blurpool_algo.resnet_rules` for torchvision's ResNets). Strided unpadded
 1x1 convs (shortcuts) blur first and run at stride 1; max-pools become ``BlurMaxPool2d``; average pools become the
 blur itself; any other strided conv is reported as not recognized. Only subsampling modules are reported.
+
+Every blur layer takes ``options.sampling`` and the blurs' padding (``options.blur_pad_mode``). ``circular_padding``
+is one more pass (:data:`CIRCULAR_PADDING`, run after the placement's rules): every conv and pool with padding that
+the placement left as a plain ``torch.nn`` layer gets a circularly padded copy; the blur layers are built circular.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, conv_copy
 from blurpool_algo.rules import (
     Change,
+    CircularReason,
     Decision,
     Outcome,
     Place,
@@ -35,9 +41,11 @@ from blurpool_algo.rules import (
 __all__ = [
     "ACTIVATIONS",
     "BLUR_LAYER_TYPES",
+    "CIRCULAR_PADDING",
     "CONV_PLACEMENT",
     "PAPER_PLACEMENT",
     "activation_runs",
+    "blur_options",
     "conv_norm_activation_runs",
     "is_strided_conv",
     "strided_only",
@@ -53,6 +61,22 @@ CANDIDATES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
 )  # fmt: skip
+
+
+def blur_options(context: SurgeryContext) -> dict[str, Any]:
+    """The keyword arguments every blur layer the surgery builds takes from the options."""
+    options = context.options
+    return {"filter_size": options.filter_size, "pad_mode": options.blur_pad_mode, "sampling": options.sampling}
+
+
+def conv_padding_mode(context: SurgeryContext) -> str | None:
+    """The padding mode of the convs the surgery builds: ``'circular'`` under ``circular_padding``, else the conv's."""
+    return "circular" if context.options.circular_padding else None
+
+
+def pool_padding_mode(context: SurgeryContext) -> str:
+    """The padding of the pools the surgery builds: ``'circular'`` under ``circular_padding``, else the pool's own."""
+    return "circular" if context.options.circular_padding else "zeros"
 
 
 def is_strided_conv(module: nn.Module) -> bool:
@@ -99,8 +123,8 @@ def blur_at_the_conv(site: Site, context: SurgeryContext) -> Outcome:
     options = context.options
     return context.conv_refusal(site) or replace(
         conv,
-        BlurConv2d.from_conv(conv, blur_first=options.blur_first, filter_size=options.filter_size,
-                             pad_mode=options.pad_mode),
+        BlurConv2d.from_conv(conv, blur_first=options.blur_first, padding_mode=conv_padding_mode(context),
+                             **blur_options(context)),
         Reason.BLURRED_CONV, stride=tuple(conv.stride), blur_first=options.blur_first,
     )  # fmt: skip
 
@@ -113,11 +137,10 @@ def blur_max_pool(site: Site, context: SurgeryContext) -> Outcome:
     refused = context.refusal(site, "replace_maxpools")
     if refused is None and pool.return_indices:
         refused = refuse(pool, Reason.RETURN_INDICES)
-    options = context.options
     return refused or replace(
         pool,
-        BlurMaxPool2d.from_maxpool(pool, filter_size=options.filter_size, pad_mode=options.pad_mode,
-                                   dtype=context.dtype, device=context.device),
+        BlurMaxPool2d.from_maxpool(pool, dtype=context.dtype, device=context.device,
+                                   padding_mode=pool_padding_mode(context), **blur_options(context)),
         Reason.BLURRED_POOL, stride=pool.stride,
     )  # fmt: skip
 
@@ -127,11 +150,10 @@ def blur_avg_pool(site: Site, context: SurgeryContext) -> Outcome:
     pool = site.module
     if type(pool) is not nn.AvgPool2d:
         return None
-    options = context.options
     return context.refusal(site, "replace_avgpools") or replace(
         pool,
-        BlurAvgPool2d.from_avgpool(pool, filter_size=options.filter_size, pad_mode=options.pad_mode,
-                                   dtype=context.dtype, device=context.device),
+        BlurAvgPool2d.from_avgpool(pool, dtype=context.dtype, device=context.device,
+                                   padding_mode=pool_padding_mode(context), **blur_options(context)),
         Reason.BLURRED_POOL, stride=pool.stride,
     )  # fmt: skip
 
@@ -140,9 +162,9 @@ def blur_avg_pool(site: Site, context: SurgeryContext) -> Outcome:
 
 
 def _blur(channels: int, stride: Sequence[int], context: SurgeryContext) -> BlurPool2d:
-    options = context.options
-    return BlurPool2d(channels, tuple(stride), options.filter_size, options.pad_mode, device=context.device,
-                      dtype=context.dtype)  # fmt: skip
+    kwargs = blur_options(context)
+    return BlurPool2d(channels, tuple(stride), kwargs.pop("filter_size"), kwargs.pop("pad_mode"),
+                      device=context.device, dtype=context.dtype, **kwargs)  # fmt: skip
 
 
 def activation_runs(site: Site, context: SurgeryContext, keys: Sequence[str]) -> list[Decision]:
@@ -205,10 +227,9 @@ def blur_before_the_shortcut(site: Site, context: SurgeryContext) -> Outcome:
     conv = site.module
     if not (is_strided_conv(conv) and conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid")):
         return None
-    options = context.options
     return context.conv_refusal(site) or replace(
         conv,
-        BlurConv2d.from_conv(conv, blur_first=True, filter_size=options.filter_size, pad_mode=options.pad_mode),
+        BlurConv2d.from_conv(conv, blur_first=True, padding_mode=conv_padding_mode(context), **blur_options(context)),
         Reason.BLURRED_SHORTCUT, stride=tuple(conv.stride),
     )  # fmt: skip
 
@@ -219,6 +240,48 @@ def unrecognized_strided_conv(site: Site, context: SurgeryContext) -> Outcome:
         return None
     return context.conv_refusal(site) or refuse(site.module, Reason.UNRECOGNIZED)
 
+
+# ------------------------------------------------------------------------------------------- circular_padding rules
+
+
+def _pads(padding: Any) -> bool:
+    """Whether a conv's or pool's ``padding`` pads at all."""
+    return padding not in (0, (0, 0), "valid")
+
+
+def circular_conv(site: Site, context: SurgeryContext) -> Outcome:
+    """A plain ``nn.Conv2d`` that pads, not circularly -> a copy with ``padding_mode='circular'`` (same Parameters)."""
+    conv = site.module
+    if type(conv) is not nn.Conv2d or not _pads(conv.padding) or conv.padding_mode == "circular":
+        return None
+    return context.excluded(site) or replace(
+        conv, conv_copy(conv, padding_mode="circular"), CircularReason.CIRCULAR_CONV, padding=conv.padding,
+        was=conv.padding_mode,
+    )  # fmt: skip
+
+
+def circular_pool(site: Site, context: SurgeryContext) -> Outcome:
+    """A plain max or average pool that pads -> a :class:`BlurMaxPool2d` / :class:`BlurAvgPool2d` with
+    ``filter_size=1`` (no blur, the pool's own stride and sampling) that pads circularly."""
+    pool = site.module
+    if type(pool) not in (nn.MaxPool2d, nn.AvgPool2d) or not _pads(pool.padding):
+        return None
+    refused = context.excluded(site)
+    if refused is None and getattr(pool, "return_indices", False):
+        refused = refuse(pool, Reason.RETURN_INDICES)
+    if refused is not None:
+        return refused
+    kwargs = {"filter_size": 1, "dtype": context.dtype, "device": context.device, "padding_mode": "circular"}
+    new = (
+        BlurMaxPool2d.from_maxpool(pool, **kwargs)
+        if type(pool) is nn.MaxPool2d
+        else BlurAvgPool2d.from_avgpool(pool, **kwargs)
+    )
+    return replace(pool, new, CircularReason.CIRCULAR_POOL, padding=pool.padding)
+
+
+#: ``circular_padding=True``: the pass after the placement's rules, over what those left as plain layers.
+CIRCULAR_PADDING: tuple[Rule, ...] = (circular_conv, circular_pool)
 
 #: ``placement='conv'``: every candidate reported, in the order of the checks the method card lists.
 CONV_PLACEMENT: tuple[Rule, ...] = (

@@ -13,16 +13,13 @@ from typing import Any
 from blurpool_algo.checks import check_bool, check_choice, check_int, fail
 from blurpool_algo.exclusion import check_patterns
 from blurpool_algo.filters import validate_filter_size, validate_pad_mode
+from blurpool_algo.layers.sampling import SAMPLINGS, check_sampling
 
 __all__ = ["PLACEMENTS", "SAMPLINGS", "BlurPoolOptions", "validate_options"]
 
 #: Where a strided conv's blur goes: at the conv (``blur_first`` picks before or after it, Composer's two modes), or
 #: after the conv's BatchNorm and activation (the paper's placement).
 PLACEMENTS: tuple[str, ...] = ("conv", "after_activation")
-
-#: How a blur layer subsamples: ``'fixed'`` keeps every stride-th sample (the grid starts at the first), ``'adaptive'``
-#: keeps, per sample, the polyphase component of largest l2 norm (APS, Chaman & Dokmanic 2021).
-SAMPLINGS: tuple[str, ...] = ("fixed", "adaptive")
 
 _SWITCHES = ("replace_convs", "replace_maxpools", "replace_avgpools")
 
@@ -42,6 +39,11 @@ class BlurPoolOptions:
     placement: str = "conv"
     sampling: str = "fixed"
     circular_padding: bool = False
+
+    @property
+    def blur_pad_mode(self) -> str:
+        """The blurs' padding: ``pad_mode``, or ``'circular'`` under ``circular_padding``."""
+        return "circular" if self.circular_padding else self.pad_mode
 
 
 #: The option names, in the order of :class:`BlurPoolOptions`.
@@ -72,7 +74,7 @@ def validate_options(**options: Any) -> BlurPoolOptions:
     validate_pad_mode(checked["pad_mode"])
     checked["exclude"] = check_patterns(checked["exclude"])
     check_choice("placement", checked["placement"], PLACEMENTS)
-    check_choice("sampling", checked["sampling"], SAMPLINGS, hint="'adaptive' is APS, the largest-norm phase")
+    check_sampling(checked["sampling"])
     if not any(checked[name] for name in _SWITCHES):
         switches = tuple(checked[name] for name in _SWITCHES)
         raise fail(" or ".join(_SWITCHES), "True for at least one", switches, "else there is nothing to replace")

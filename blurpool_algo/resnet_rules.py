@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from blurpool_algo.layer_rules import activation_runs, is_strided_conv
+from blurpool_algo.layer_rules import activation_runs, blur_options, conv_padding_mode, is_strided_conv
 from blurpool_algo.layers import BlurInputConv2d, conv_copy
 from blurpool_algo.rules import Change, Decision, Outcome, Place, ReasonCode, Rule, Site, SurgeryContext, refuse
 
@@ -55,9 +55,8 @@ def resnet_block(site: Site, context: SurgeryContext) -> Outcome:
     if refused is not None:
         return refused
     stride = tuple(conv.stride)
-    options = context.options
     blurred = BlurInputConv2d.from_conv(
-        consumer, blur_stride=stride, filter_size=options.filter_size, pad_mode=options.pad_mode
+        consumer, blur_stride=stride, padding_mode=conv_padding_mode(context), **blur_options(context)
     )
     return Decision(
         conv, ResNetReason.BLUR_INTO_NEXT_CONV, {"stride": stride, "consumer": consumer_name}, blur=blurred,

@@ -33,6 +33,7 @@ from blurpool_algo.options import BlurPoolOptions
 
 __all__ = [
     "Change",
+    "CircularReason",
     "Decision",
     "Place",
     "Reason",
@@ -97,6 +98,13 @@ class Reason(ReasonCode):
         "average_becomes_blur",
         "stride {stride}: the average pool becomes the blur-subsample (the paper's)",
     )
+
+
+class CircularReason(ReasonCode):
+    """What ``circular_padding=True`` changed besides the blur layers (reported in ``BlurPoolReport.circular``)."""
+
+    CIRCULAR_CONV = "circular_conv", "padding {padding}: padding_mode {was!r} -> 'circular'"
+    CIRCULAR_POOL = "circular_pool", "padding {padding}: padded circularly, then pooled without padding"
 
 
 #: Exclusion reasons, for callers that ask "was it excluded?" rather than how.

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from blurpool_algo.checks import fail
 from blurpool_algo.exclusion import Exclusion, child_name_roots, unmatched_exclude_patterns
-from blurpool_algo.layer_rules import CONV_PLACEMENT, PAPER_PLACEMENT
+from blurpool_algo.layer_rules import CIRCULAR_PADDING, CONV_PLACEMENT, PAPER_PLACEMENT
 from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d
 from blurpool_algo.options import PLACEMENTS, BlurPoolOptions, validate_options
 from blurpool_algo.resnet_rules import RESNET_RULES
@@ -83,6 +83,8 @@ class BlurPoolReport:
     skipped: list[ModuleDecision] = field(default_factory=list)
     #: Exclude patterns (as the user wrote them) that matched no module name, so excluded nothing.
     unmatched_exclude: tuple[str, ...] = ()
+    #: Under ``circular_padding``: the plain convs and pools made to pad circularly (the blur layers are built so).
+    circular: list[ModuleDecision] = field(default_factory=list)
 
     def _count(self, cls: type[nn.Module]) -> int:
         return sum(d.replacement == cls.__name__ for d in self.replaced)
@@ -133,6 +135,7 @@ class BlurPoolReport:
         lines += [f"  replaced {d.name}: {d.original} -> {d.replacement} ({d.reason})" for d in self.replaced]
         lines += [f"  skipped  {d.name}: {d.original} ({d.reason})" for d in self.skipped]
         lines += [f"  exclude pattern {p!r} matched no module name" for p in self.unmatched_exclude]
+        lines += [f"  circular {d.name}: {d.original} ({d.reason})" for d in self.circular if d.replacement]
         return "\n".join(lines)
 
 
@@ -288,6 +291,10 @@ def apply_blurpool_options(
     report = BlurPoolReport(options=options, unmatched_exclude=tuple(pattern for pattern, _ in unmatched))
     for site, decision in walk(PLACEMENT_RULES[options.placement], context):
         (report.replaced if decision.blur is not None else report.skipped).append(ModuleDecision.of(site, decision))
+    if options.circular_padding:
+        # A second walk over the model as the first left it: the plain convs and pools that still pad.
+        context = SurgeryContext.of(model, options, exclusion)
+        report.circular = [ModuleDecision.of(site, decision) for site, decision in walk(CIRCULAR_PADDING, context)]
     return report
 
 

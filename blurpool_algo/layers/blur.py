@@ -17,12 +17,14 @@ from torch import Tensor, nn
 
 from blurpool_algo.checks import check_int, check_int_or_pair, fail
 from blurpool_algo.filters import binomial_filter_2d, blur_padding, validate_filter_size, validate_pad_mode
+from blurpool_algo.layers.sampling import adaptive_subsample, check_sampling, pad_map
 
 __all__ = [
     "FILTER_BUFFER",
     "BlurPool2d",
     "OptionalFilterOnLoad",
     "blur_pool2d",
+    "blur_sample",
     "blur_subsample",
     "check_stride",
     "setup_blur",
@@ -41,27 +43,6 @@ def blur_pads(filter_size: int) -> tuple[int, int, int, int]:
     """The blur's padding in ``F.pad`` order (left, right, top, bottom)."""
     before, after = blur_padding(filter_size)
     return before, after, before, after
-
-
-def _pad(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
-    """Pads ``x`` for the blur, falling back to ``replicate`` where the map is too small for ``pad_mode``."""
-    if max(pads) == 0:
-        return x
-    if pad_mode == "zeros":
-        return F.pad(x, pads)
-    height, width = x.shape[-2], x.shape[-1]
-    too_small = (
-        max(pads[0], pads[1]) >= width or max(pads[2], pads[3]) >= height
-        if pad_mode == "reflect"
-        else max(pads[0], pads[1]) > width or max(pads[2], pads[3]) > height
-    )
-    padded = F.pad(x, pads, mode="replicate" if too_small else pad_mode)
-    if x.is_contiguous(memory_format=torch.channels_last) and not padded.is_contiguous(
-        memory_format=torch.channels_last
-    ):
-        # Circular padding on CPU returns a contiguous (NCHW) tensor; keep the caller's memory format.
-        padded = padded.contiguous(memory_format=torch.channels_last)
-    return padded
 
 
 @torch.fx.wrap
@@ -90,13 +71,41 @@ def blur_subsample(
     if pad_mode == "zeros" and pads[0] == pads[1] and pads[1] == pads[2] and pads[2] == pads[3]:
         # Symmetric zero padding goes into the conv itself: no padded copy of the map.
         return F.conv2d(x, weight, stride=stride, padding=pads[0], groups=channels)
-    return F.conv2d(_pad(x, pads, pad_mode), weight, stride=stride, groups=channels)
+    return F.conv2d(pad_map(x, pads, pad_mode), weight, stride=stride, groups=channels)
 
 
-def setup_blur(module: nn.Module, channels: int, filter_size: int, pad_mode: str, device: Any, dtype: Any) -> None:
-    """Checks and sets a blur layer's ``filter_size``, ``pad_mode`` and ``blur_pads``, and registers its filter."""
+def blur_sample(
+    x: Tensor,
+    blur_filter: Tensor,
+    stride: list[int],
+    pads: list[int],
+    pad_mode: str,
+    sampling: str = "fixed",
+    any_channels: bool = False,
+) -> Tensor:
+    """:func:`blur_subsample` under ``sampling``: ``'fixed'`` blurs at ``stride``; ``'adaptive'`` blurs at stride 1,
+    then keeps each sample's largest-norm polyphase component
+    (:func:`~blurpool_algo.layers.sampling.adaptive_subsample`). Same output shape either way."""
+    if sampling == "fixed":
+        return blur_subsample(x, blur_filter, stride, pads, pad_mode, any_channels)
+    blurred = blur_subsample(x, blur_filter, [1, 1], pads, pad_mode, any_channels)
+    return adaptive_subsample(blurred, stride, pad_mode)
+
+
+def setup_blur(
+    module: nn.Module,
+    channels: int,
+    filter_size: int,
+    pad_mode: str,
+    device: Any,
+    dtype: Any,
+    sampling: str = "fixed",
+) -> None:
+    """Checks and sets a blur layer's ``filter_size``, ``pad_mode``, ``sampling`` and ``blur_pads``, and registers its
+    filter."""
     module.filter_size = validate_filter_size(filter_size)
     module.pad_mode = validate_pad_mode(pad_mode)
+    module.sampling = check_sampling(sampling)
     module.blur_pads = list(blur_pads(filter_size))
     register_filter(module, channels, filter_size, device, dtype)
 
@@ -191,13 +200,17 @@ class BlurPool2d(OptionalFilterOnLoad, nn.Module):
         pad_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
         device: device of the filter buffer.
         dtype: dtype of the filter buffer.
+        sampling: ``'fixed'`` (every stride-th sample from the first) or ``'adaptive'`` (blur at stride 1, then each
+            sample's polyphase component of largest l2 norm: APS).
 
     Example:
         >>> BlurPool2d(16)(torch.randn(2, 16, 9, 9)).shape
         torch.Size([2, 16, 5, 5])
+        >>> BlurPool2d(16, sampling="adaptive")(torch.randn(2, 16, 9, 9)).shape
+        torch.Size([2, 16, 5, 5])
     """
 
-    __constants__ = ["channels", "stride", "filter_size", "pad_mode", "pads"]
+    __constants__ = ["channels", "stride", "filter_size", "pad_mode", "pads", "sampling"]
 
     def __init__(
         self,
@@ -207,19 +220,28 @@ class BlurPool2d(OptionalFilterOnLoad, nn.Module):
         pad_mode: str = "zeros",
         device: Any = None,
         dtype: Any = None,
+        *,
+        sampling: str = "fixed",
     ) -> None:
         super().__init__()
         self.channels = check_int("channels", channels, minimum=1)
         self.stride = list(check_stride(stride))
         self.filter_size = validate_filter_size(filter_size)
         self.pad_mode = validate_pad_mode(pad_mode)
+        self.sampling = check_sampling(sampling)
         self.pads = list(blur_pads(filter_size))
         register_filter(self, channels, filter_size, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return blur_subsample(x, self.blur_filter, self.stride, self.pads, self.pad_mode)
+        return blur_sample(x, self.blur_filter, self.stride, self.pads, self.pad_mode, self.sampling)
 
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, stride={tuple(self.stride)}, filter_size={self.filter_size}, pad_mode={self.pad_mode!r}"
+            + sampling_repr(self.sampling)
         )
+
+
+def sampling_repr(sampling: str) -> str:
+    """The ``extra_repr`` part for ``sampling``: nothing for the default, so fixed layers print as they always did."""
+    return "" if sampling == "fixed" else f", sampling={sampling!r}"

@@ -13,21 +13,41 @@ from torch import Tensor, nn
 
 from blurpool_algo.checks import check_bool
 from blurpool_algo.filters import binomial_filter_2d
-from blurpool_algo.layers.blur import OptionalFilterOnLoad, blur_subsample, check_stride, setup_blur
+from blurpool_algo.layers.blur import (
+    OptionalFilterOnLoad,
+    blur_sample,
+    blur_subsample,
+    check_stride,
+    sampling_repr,
+    setup_blur,
+)
+from blurpool_algo.layers.sampling import choose_phase, conv_at_phase, select_phase
 
 __all__ = ["BlurConv2d", "BlurInputConv2d", "conv_copy"]
 
 # torch.fx.wrap keeps a function out of a symbolic trace by its name in the calling module's globals: this module
 # calls blur_subsample under its own name, so it is registered here too.
 torch.fx.wrap("blur_subsample")
+torch.fx.wrap("blur_sample")
+torch.fx.wrap("choose_phase")
+torch.fx.wrap("conv_at_phase")
+torch.fx.wrap("select_phase")
 
 _Conv = TypeVar("_Conv", bound=nn.Conv2d)
 
 
-def conv_copy(conv: nn.Conv2d, cls: type[_Conv] = nn.Conv2d, *, stride: Any = None, **options: Any) -> _Conv:
+def conv_copy(
+    conv: nn.Conv2d,
+    cls: type[_Conv] = nn.Conv2d,
+    *,
+    stride: Any = None,
+    padding_mode: str | None = None,
+    **options: Any,
+) -> _Conv:
     """A new ``cls`` with ``conv``'s hyperparameters and ``options``, holding ``conv``'s own Parameter objects.
 
-    ``stride`` replaces the conv's stride when given (the paper's placement runs a strided conv at stride 1). The new
+    ``stride`` replaces the conv's stride when given (the paper's placement runs a strided conv at stride 1), and
+    ``padding_mode`` its padding mode (``circular_padding`` makes every conv pad circularly). The new
     module is built on the meta device (no weights initialised only to be dropped), then takes ``conv``'s ``weight``
     and ``bias``, its training mode and, for a blur layer, a real filter in the weight's dtype and device.
 
@@ -39,7 +59,7 @@ def conv_copy(conv: nn.Conv2d, cls: type[_Conv] = nn.Conv2d, *, stride: Any = No
     """
     new = cls(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride if stride is None else stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta", **options,
+        conv.dilation, conv.groups, conv.bias is not None, padding_mode or conv.padding_mode, device="meta", **options,
     )  # fmt: skip
     new.weight = conv.weight
     new.bias = conv.bias
@@ -51,8 +71,8 @@ def conv_copy(conv: nn.Conv2d, cls: type[_Conv] = nn.Conv2d, *, stride: Any = No
 
 
 class _BlurringConv(OptionalFilterOnLoad, nn.Conv2d):
-    """An ``nn.Conv2d`` with a blur: ``nn.Conv2d``'s arguments, then keyword-only ``filter_size``, ``pad_mode`` and
-    the options the subclass's :meth:`_setup` takes."""
+    """An ``nn.Conv2d`` with a blur: ``nn.Conv2d``'s arguments, then keyword-only ``filter_size``, ``pad_mode``,
+    ``sampling`` and the options the subclass's :meth:`_setup` takes."""
 
     def __init__(
         self,
@@ -70,6 +90,7 @@ class _BlurringConv(OptionalFilterOnLoad, nn.Conv2d):
         *,
         filter_size: int = 3,
         pad_mode: str = "zeros",
+        sampling: str = "fixed",
         **blur_options: Any,
     ) -> None:
         check_stride(stride)
@@ -77,7 +98,7 @@ class _BlurringConv(OptionalFilterOnLoad, nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
         )  # fmt: skip
-        setup_blur(self, self._setup(**blur_options), filter_size, pad_mode, device, dtype)
+        setup_blur(self, self._setup(**blur_options), filter_size, pad_mode, device, dtype, sampling)
 
     def _setup(self, **blur_options: Any) -> int:
         """Takes the subclass's own blur options; returns how many channels the blur filters."""
@@ -102,6 +123,14 @@ class BlurConv2d(_BlurringConv):
         blur_first: where the blur goes (see above).
         filter_size: binomial filter size, >= 1; 1 computes exactly the plain conv.
         pad_mode: padding of the blur: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        sampling: ``'fixed'`` or ``'adaptive'`` (see above).
+
+    ``sampling='adaptive'`` (APS) keeps, for each sample, the polyphase component of largest l2 norm instead of the
+    fixed grid. The phase is chosen on the *blurred input* in both orders, so a ResNet block's strided conv and its
+    strided 1x1 shortcut, which read the same tensor, choose the same phase and stay aligned. With ``blur_first=True``
+    the strided conv then runs at its stride on the input cropped from that phase on
+    (:func:`~blurpool_algo.layers.sampling.conv_at_phase`), never at stride 1; with ``blur_first=False`` the conv runs
+    at stride 1, is blurred, and that phase is kept.
 
     Use :meth:`from_conv` to anti-alias an existing conv while keeping its parameters.
     """
@@ -111,18 +140,28 @@ class BlurConv2d(_BlurringConv):
         self.blur_stride = [int(s) for s in self.stride]
         # An unpadded 1x1 conv ("pointwise") can take its input already blurred and subsampled: see forward.
         self.pointwise = self.kernel_size == (1, 1) and self.padding in ((0, 0), "valid")
+        # The conv's padding as ints (a strided conv's padding is never 'same'), for the conv at a chosen phase.
+        self.conv_padding = [0, 0] if isinstance(self.padding, str) else [int(p) for p in self.padding]
         return self.in_channels if self.blur_first else self.out_channels
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, *, blur_first: bool = True, filter_size: int = 3, pad_mode: str = "zeros"
+        cls,
+        conv: nn.Conv2d,
+        *,
+        blur_first: bool = True,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+        sampling: str = "fixed",
+        padding_mode: str | None = None,
     ) -> BlurConv2d:
         """Builds an anti-aliased copy of ``conv`` that shares its ``weight`` and ``bias`` Parameter objects.
 
         Hyperparameters (padding_mode included), training mode and requires_grad carry over; the filter buffer takes
-        the weight's dtype and device.
+        the weight's dtype and device; ``padding_mode`` replaces the conv's when given.
         """
-        return conv_copy(conv, cls, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode)
+        return conv_copy(conv, cls, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode,
+                         sampling=sampling, padding_mode=padding_mode)  # fmt: skip
 
     def _conv_at_stride_one(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
@@ -131,27 +170,39 @@ class BlurConv2d(_BlurringConv):
         return F.conv2d(x, self.weight, self.bias, 1, self.padding, self.dilation, self.groups)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.filter_size == 1:
+        if self.filter_size == 1 and self.sampling == "fixed":
             return self._conv_forward(input, self.weight, self.bias)
         if self.pointwise and (self.blur_first or self.bias is None or self.pad_mode != "zeros"):
             # A pointwise conv reads only the samples its stride lands on, so blurring at its stride computes just
             # those (a quarter of the blur at stride 2) and the conv runs at stride 1 on them. It also commutes with
             # the blur (both linear; the blur treats every channel alike), so blur_first=False gets the same function
             # without the stride**2 larger conv. A bias commutes too unless zero padding dims it near the border.
-            blurred = blur_subsample(
-                input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, any_channels=True
+            blurred = blur_sample(
+                input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling, True
             )
             return F.conv2d(blurred, self.weight, self.bias, 1, 0, 1, self.groups)
         if self.blur_first:
             blurred = blur_subsample(input, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode)
-            return self._conv_forward(blurred, self.weight, self.bias)
+            if self.sampling == "fixed":
+                return self._conv_forward(blurred, self.weight, self.bias)
+            phase = choose_phase(blurred, self.blur_stride, self.pad_mode)
+            return conv_at_phase(
+                blurred, phase, self.weight, self.bias, self.blur_stride, self.conv_padding,
+                [int(d) for d in self.dilation], self.groups, self.padding_mode,
+            )  # fmt: skip
         dense = self._conv_at_stride_one(input)
-        return blur_subsample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+        if self.sampling == "fixed":
+            return blur_subsample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+        # The phase of the blurred input, as a pointwise shortcut reading the same input chooses it (see the class).
+        blurred_input = blur_subsample(input, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode, True)
+        phase = choose_phase(blurred_input, self.blur_stride, self.pad_mode)
+        dense = blur_subsample(dense, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode)
+        return select_phase(dense, phase, self.blur_stride, self.pad_mode)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, blur_first={self.blur_first}, filter_size={self.filter_size}, "
-            f"pad_mode={self.pad_mode!r}"
+            f"pad_mode={self.pad_mode!r}{sampling_repr(self.sampling)}"
         )
 
 
@@ -170,6 +221,8 @@ class BlurInputConv2d(_BlurringConv):
         blur_stride: subsampling factor of the blur, an int >= 1 or a pair.
         filter_size: binomial filter size, >= 1; 1 is plain subsampling.
         pad_mode: padding of the blur: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        sampling: ``'fixed'`` or ``'adaptive'`` (the blur at stride 1, then each sample's polyphase component of
+            largest l2 norm: APS).
     """
 
     def _setup(self, *, blur_stride: int | tuple[int, int] = 2) -> int:  # type: ignore[override]
@@ -178,17 +231,25 @@ class BlurInputConv2d(_BlurringConv):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Conv2d, *, blur_stride: int | tuple[int, int] = 2, filter_size: int = 3, pad_mode: str = "zeros"
+        cls,
+        conv: nn.Conv2d,
+        *,
+        blur_stride: int | tuple[int, int] = 2,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+        sampling: str = "fixed",
+        padding_mode: str | None = None,
     ) -> BlurInputConv2d:
         """Builds a copy of ``conv`` that blur-subsamples its input first, sharing ``conv``'s Parameter objects."""
-        return conv_copy(conv, cls, blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode)
+        return conv_copy(conv, cls, blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode,
+                         sampling=sampling, padding_mode=padding_mode)  # fmt: skip
 
     def forward(self, input: Tensor) -> Tensor:
-        blurred = blur_subsample(input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+        blurred = blur_sample(input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling)
         return self._conv_forward(blurred, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, blur_stride={tuple(self.blur_stride)}, filter_size={self.filter_size}, "
-            f"pad_mode={self.pad_mode!r}"
+            f"pad_mode={self.pad_mode!r}{sampling_repr(self.sampling)}"
         )

@@ -1,0 +1,186 @@
+"""How a blur layer subsamples: the padding it shares with the blur, and adaptive polyphase sampling (APS, Chaman &
+Dokmanic, CVPR 2021).
+
+Subsampling a map by ``stride = (s_h, s_w)`` keeps one of its ``s_h * s_w`` *polyphase components*: the samples at
+rows ``i + s_h * k`` and columns ``j + s_w * l`` for one phase ``(i, j)``. Fixed sampling always keeps phase ``(0, 0)``;
+adaptive sampling keeps, for each sample of the batch, the component of largest l2 norm over channels, rows and
+columns. A circular shift of the map only permutes the components (and rolls each), so the same component is kept,
+rolled: with circular padding everywhere before it, the subsampled map is a circular shift of the one the unshifted
+input gives, and a network ending in a global pool is exactly invariant to circular shifts.
+
+Phases are numbered ``i * s_w + j``; ties go to the lowest number (``argmax`` returns the first maximum), so a constant
+map keeps the fixed grid's phase. The choice is made with tensor operations only (reshape, sum, argmax, gather): no
+data-dependent Python control flow, so ``torch.compile`` sees no graph break and TorchScript and ONNX export work.
+Where a side is not a multiple of the stride, the map is first padded at its end up to one (with the blur's padding
+mode), so the output has ``ceil(size / stride)`` samples, as fixed sampling gives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor
+
+from blurpool_algo.checks import check_choice
+
+__all__ = [
+    "SAMPLINGS",
+    "adaptive_subsample",
+    "check_sampling",
+    "choose_phase",
+    "conv_at_phase",
+    "pad_map",
+    "select_phase",
+]
+
+#: How a blur layer subsamples: ``'fixed'`` keeps phase ``(0, 0)`` (every stride-th sample from the first),
+#: ``'adaptive'`` each sample's largest-norm phase (APS).
+SAMPLINGS: tuple[str, ...] = ("fixed", "adaptive")
+
+
+def check_sampling(sampling: object, name: str = "sampling") -> str:
+    """Returns ``sampling`` if it is one of :data:`SAMPLINGS`, else raises ``ValueError`` naming ``name``.
+
+    Example:
+        >>> check_sampling("adaptive")
+        'adaptive'
+    """
+    return check_choice(name, sampling, SAMPLINGS, hint="'adaptive' is APS: the largest-norm phase")  # type: ignore[return-value]
+
+
+def pad_map(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
+    """Pads ``x`` (``F.pad`` order), falling back to ``replicate`` where the map is too small for ``pad_mode``.
+
+    ``reflect`` padding needs the map to be larger than the pad and ``circular`` at least as large; ``replicate``
+    works on any size and agrees with both on a 1-pixel map.
+    """
+    if max(pads) == 0:
+        return x
+    if pad_mode == "zeros":
+        return F.pad(x, pads)
+    height, width = x.shape[-2], x.shape[-1]
+    too_small = (
+        max(pads[0], pads[1]) >= width or max(pads[2], pads[3]) >= height
+        if pad_mode == "reflect"
+        else max(pads[0], pads[1]) > width or max(pads[2], pads[3]) > height
+    )
+    padded = F.pad(x, pads, mode="replicate" if too_small else pad_mode)
+    if x.is_contiguous(memory_format=torch.channels_last) and not padded.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        # Circular padding on CPU returns a contiguous (NCHW) tensor; keep the caller's memory format.
+        padded = padded.contiguous(memory_format=torch.channels_last)
+    return padded
+
+
+def _to_multiple(x: Tensor, stride: list[int], pad_mode: str) -> Tensor:
+    """``x`` padded at its end so that each side is a multiple of its stride."""
+    extra_h = (stride[0] - x.shape[-2] % stride[0]) % stride[0]
+    extra_w = (stride[1] - x.shape[-1] % stride[1]) % stride[1]
+    if torch.jit.is_tracing():
+        # ONNX export (a trace) needs static pad amounts; map sizes are structural there.
+        extra_h, extra_w = int(extra_h), int(extra_w)
+    return pad_map(x, [0, extra_w, 0, extra_h], pad_mode)
+
+
+@torch.fx.wrap
+def choose_phase(x: Tensor, stride: list[int], pad_mode: str = "zeros") -> Tensor:
+    """For each sample of ``x`` (N, C, H, W), the number ``i * s_w + j`` of its polyphase component of largest l2 norm
+    (the lowest number among equal ones); a ``(N,)`` int64 tensor.
+
+    Example:
+        >>> x = torch.zeros(2, 1, 4, 4)
+        >>> x[0, 0, 1, 0] = 1.0  # phase (1, 0) = 2
+        >>> choose_phase(x, [2, 2]).tolist()  # the second sample is all zeros: a tie, phase 0
+        [2, 0]
+    """
+    x = _to_multiple(x, stride, pad_mode)
+    n, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+    # Energies in at least float32: bfloat16 sums would tie or misorder components whose norms differ slightly.
+    energy = x.to(torch.promote_types(x.dtype, torch.float32)).square().sum(1)
+    energy = energy.reshape(n, height // stride[0], stride[0], width // stride[1], stride[1]).sum((1, 3))
+    return energy.reshape(n, stride[0] * stride[1]).argmax(1)
+
+
+@torch.fx.wrap
+def select_phase(x: Tensor, phase: Tensor, stride: list[int], pad_mode: str = "zeros") -> Tensor:
+    """The polyphase component ``phase[n]`` (numbered as :func:`choose_phase` numbers them) of each sample ``n`` of
+    ``x``: shape ``(N, C, ceil(H / s_h), ceil(W / s_w))``. Phase 0 everywhere is ``x[..., ::s_h, ::s_w]``.
+
+    Example:
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> select_phase(x, torch.tensor([3]), [2, 2])  # phase (1, 1)
+        tensor([[[[ 5.,  7.],
+                  [13., 15.]]]])
+    """
+    x = _to_multiple(x, stride, pad_mode)
+    n, channels, height, width = x.shape
+    rows, cols = height // stride[0], width // stride[1]
+    # (N, C, rows, s_h, cols, s_w) -> (N, C, rows, cols, s_h * s_w): the phase is the last axis, gathered per sample.
+    phases = x.reshape(n, channels, rows, stride[0], cols, stride[1]).permute(0, 1, 2, 4, 3, 5)
+    phases = phases.reshape(n, channels, rows, cols, stride[0] * stride[1])
+    index = phase.reshape(n, 1, 1, 1, 1).expand(n, channels, rows, cols, 1)
+    return phases.gather(4, index).squeeze(4)
+
+
+@torch.fx.wrap
+def adaptive_subsample(x: Tensor, stride: list[int], pad_mode: str = "zeros") -> Tensor:
+    """``x`` subsampled by ``stride`` at each sample's largest-norm phase (:func:`choose_phase`, :func:`select_phase`).
+
+    Example:
+        >>> x = torch.zeros(1, 1, 4, 4)
+        >>> x[0, 0, 1, 3] = 5.0
+        >>> adaptive_subsample(x, [2, 2])
+        tensor([[[[0., 5.],
+                  [0., 0.]]]])
+    """
+    return select_phase(x, choose_phase(x, stride, pad_mode), stride, pad_mode)
+
+
+def _crop_at(x: Tensor, start: Tensor, length: int, dim: int) -> Tensor:
+    """``x.narrow(dim, start[n], length)`` for each sample ``n`` (a gather: ``start`` is a tensor)."""
+    shape = [1, 1, 1, 1]
+    shape[dim] = length
+    offsets = torch.arange(length, device=x.device).reshape(shape) + start.reshape(-1, 1, 1, 1)
+    size = list(x.shape)
+    size[dim] = length
+    return x.gather(dim, offsets.expand(size))
+
+
+@torch.fx.wrap
+def conv_at_phase(
+    x: Tensor,
+    phase: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    padding_mode: str,
+) -> Tensor:
+    """A strided conv of ``x`` whose sampling grid starts at each sample's ``phase`` instead of at ``(0, 0)``.
+
+    Equal to the conv at stride 1 followed by :func:`select_phase`, at a stride-``s``-th of the cost: the input is
+    padded as the conv pads it (``padding_mode``: ``'zeros'`` or a ``F.pad`` mode), cropped per sample from the phase
+    on (a gather), and convolved at the conv's stride. The output has the strided conv's shape; where the shifted grid
+    runs past the padded input, it is padded further the same way.
+    """
+    phase_h = torch.div(phase, stride[1], rounding_mode="floor")
+    phase_w = phase - phase_h * stride[1]
+    kernel = [weight.shape[2], weight.shape[3]]
+    lengths: list[int] = []
+    extras: list[int] = []
+    for axis in range(2):
+        size = int(x.shape[axis + 2]) + 2 * padding[axis]
+        reach = dilation[axis] * (kernel[axis] - 1)
+        outputs = (size - reach - 1) // stride[axis] + 1
+        # The crop the strided conv reads, from the phase on; the last phase must find it inside the padded map.
+        length = stride[axis] * (outputs - 1) + reach + 1
+        lengths.append(length)
+        extras.append(max(0, stride[axis] - 1 + length - size))
+    pads = [padding[1], padding[1] + extras[1], padding[0], padding[0] + extras[0]]
+    padded = F.pad(x, pads) if padding_mode == "zeros" else pad_map(x, pads, padding_mode)
+    cropped = _crop_at(_crop_at(padded, phase_h, lengths[0], 2), phase_w, lengths[1], 3)
+    return F.conv2d(cropped, weight, bias, stride, 0, dilation, groups)
