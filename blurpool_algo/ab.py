@@ -1,15 +1,19 @@
-"""A/B runs: a baseline recipe against a treatment recipe over several seeds, and a report people can read.
+"""A/B/n runs: two or more recipes (arms) over several seeds, each compared to the first, and a report people can read.
 
+    python -m blurpool_algo.ab --arm baseline=yamls/quickstart_baseline.yaml \\
+        --arm blurpool=yamls/quickstart_blurpool.yaml --arm aps=yamls/quickstart_aps.yaml \\
+        --seeds 3 --out runs/abn [key=value ...]
     python -m blurpool_algo.ab --baseline yamls/quickstart_baseline.yaml \\
         --treatment yamls/quickstart_blurpool.yaml --seeds 3 --out runs/ab [key=value ...]
 
-Every (seed, arm) run is a separate process of ``python -m blurpool_algo.train`` (or ``composer -n N -m
-blurpool_algo.train`` with ``--nproc N``). Both arms get the same seeds, hence the same initial weights and data order,
-and the same overrides. Separate processes keep peak memory and speed per arm. The runs alternate (seed 1: baseline,
-treatment; seed 2: ...) so that drift of a shared machine hits both arms alike. Each finished run leaves
-``runs/<arm>-seed<S>.json`` under ``--out``; rerunning the same command skips those runs, so an interrupted A/B
-resumes where it stopped. The report (``report.json``, ``report.md``, three PNG plots) is written at the end, whole or
-not at all.
+``--arm NAME=RECIPE`` names an arm (repeat it, in the order wanted; the first is the reference every other arm is
+compared to); ``--baseline A --treatment B`` is ``--arm baseline=A --arm treatment=B``. Every (seed, arm) run is a
+separate process of ``python -m blurpool_algo.train`` (or ``composer -n N -m blurpool_algo.train`` with ``--nproc
+N``). Every arm gets the same seeds, hence the same initial weights and data order, and the same overrides. Separate
+processes keep peak memory and speed per arm. The runs alternate (seed 1: every arm in order; seed 2: ...) so that
+drift of a shared machine hits every arm alike. Each finished run leaves ``runs/<arm>-seed<S>.json`` under ``--out``;
+rerunning the same command skips those runs, so an interrupted A/B resumes where it stopped. The report
+(``report.json``, ``report.md``, three PNG plots) is written at the end, whole or not at all.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from blurpool_algo.ab_plan import ARMS, SEEDS_HINT, ABError, Plan, make_plan
+from blurpool_algo.ab_plan import ARM_NAME_HINT, SEEDS_HINT, ABError, Plan, make_plan
 from blurpool_algo.ab_report import format_table, table_rows, write_report
 from blurpool_algo.files import write_json_atomically
 from blurpool_algo.summary import describe_run
@@ -121,8 +125,8 @@ def run_all(plan: Plan, log: Callable[[str], None] = print) -> dict[str, dict[in
     (plan.out / "runs").mkdir(parents=True, exist_ok=True)
     with _Lock(plan.out) as lock:
         write_json_atomically(plan.out / "ab.json", plan.fingerprint())
-        order = [(seed, arm) for seed in plan.seeds for arm in ARMS]
-        results: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
+        order = [(seed, arm) for seed in plan.seeds for arm in plan.arm_names]
+        results: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in plan.arm_names}
         runner = os.getpid()
         for number, (seed, arm) in enumerate(order, start=1):
             summary_path = plan.run_json(arm, seed)
@@ -171,13 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m blurpool_algo.ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--baseline", required=True, help="the baseline recipe, e.g. yamls/quickstart_baseline.yaml")
-    parser.add_argument("--treatment", required=True, help="the treatment recipe, e.g. yamls/quickstart_blurpool.yaml")
+    parser.add_argument(
+        "--arm", action="append", metavar="NAME=RECIPE",
+        help=f"an arm: its name ({ARM_NAME_HINT}) and recipe, e.g. aps=yamls/quickstart_aps.yaml; repeat it, two "
+        "or more, in order: the first is the reference every other arm is compared to",
+    )  # fmt: skip
+    parser.add_argument("--baseline", help="the baseline recipe (with --treatment: the arms baseline and treatment)")
+    parser.add_argument("--treatment", help="the treatment recipe, e.g. yamls/quickstart_blurpool.yaml")
     parser.add_argument("--seeds", default="3", help=f"a count or a list ({SEEDS_HINT}); default 3")
     parser.add_argument("--out", default="runs/ab", help="the A/B's folder (default runs/ab)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run, through Composer's launcher")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for both arms, e.g. max_duration=2ep")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every arm, e.g. max_duration=2ep")
     args = parser.parse_intermixed_args(argv)
     args.argv = argv
     if args.trust_checkpoint:
@@ -194,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: no report written; rerun the same command to resume (finished runs are kept)",
               file=sys.stderr)  # fmt: skip
         return 130
-    print(f"\nA/B over seeds {', '.join(map(str, plan.seeds))} (mean ± std), report in {plan.out}/report.md:\n")
+    print(f"\nA/B over seeds {', '.join(map(str, plan.seeds))} (mean ± std; every arm against {plan.reference}), "
+          f"report in {plan.out}/report.md:\n")  # fmt: skip
     print(format_table(table_rows(report)), flush=True)
     return 0
 

@@ -1,9 +1,10 @@
-"""The A/B's report: statistics over the seeds, the noise verdict, and the files people read (``report.json``,
+"""The A/B/n's report: statistics over the seeds, the noise verdicts, and the files people read (``report.json``,
 ``report.md``, three PNG plots), published together and each whole.
 
-Each metric is summarised per arm as mean and sample standard deviation over the seeds; the difference between the
-arms is judged against seed-to-seed noise with Welch's t-test (two-sided, 95 %). A diverged run takes its arm out of
-the statistics: its numbers are those of a model with no meaning, and a mean over the other seeds would flatter it.
+Each metric is summarised per arm as mean and sample standard deviation over the seeds; the difference between each
+arm and the reference (the first arm) is judged against seed-to-seed noise with Welch's t-test (two-sided, 95 %). A
+diverged run takes its arm out of the statistics: its numbers are those of a model with no meaning, and a mean over
+the other seeds would flatter it.
 
 Example:
     >>> baseline, treatment = describe_values([97.7, 97.6, 97.9]), describe_values([98.6, 98.8, 99.0])
@@ -49,6 +50,7 @@ __all__ = [
 METRICS: dict[str, tuple[str, str, bool]] = {
     "accuracy": ("top-1 accuracy", "%", True),
     "shift_consistency": ("shift consistency", "%", True),
+    "circular_consistency": ("circular consistency", "%", True),
     "samples_per_sec": ("throughput", "samples/s", True),
     "peak_memory": ("peak memory", "MiB", False),
     "wall_time": ("wall time", "s", False),
@@ -68,7 +70,9 @@ def _value(summary: dict[str, Any], metric: str) -> float:
     throughput = summary.get("throughput") or {}
     consistency = summary.get("shift_consistency") or {}
     if metric == "shift_consistency":
-        return float(consistency.get("crop", consistency.get("circular", math.nan)))
+        return float(consistency.get("crop", math.nan))
+    if metric == "circular_consistency":
+        return float(consistency.get("circular", math.nan))
     if metric == "samples_per_sec":
         return float(throughput.get("samples_per_sec", math.nan))
     if metric == "peak_memory":
@@ -90,9 +94,10 @@ def describe_values(values: Sequence[float], diverged_seeds: Sequence[int] = ())
     return {"mean": mean, "std": std, "values": list(values)}
 
 
-def compare(baseline: dict[str, Any], treatment: dict[str, Any]) -> dict[str, Any]:
-    """Treatment minus baseline, and whether it exceeds seed-to-seed noise (Welch's t-test, two-sided, 95%)."""
-    gone = [arm for arm, stats in zip(ARMS, (baseline, treatment), strict=True) if stats.get("diverged_seeds")]
+def compare(baseline: dict[str, Any], treatment: dict[str, Any], names: tuple[str, str] = ARMS) -> dict[str, Any]:
+    """Treatment minus baseline (an arm minus the reference), and whether it exceeds seed-to-seed noise (Welch's
+    t-test, two-sided, 95%). ``names`` are the two arms' names, for the verdict on a diverged arm."""
+    gone = [arm for arm, stats in zip(names, (baseline, treatment), strict=True) if stats.get("diverged_seeds")]
     if gone:
         return {"difference": math.nan, "relative": math.nan, "beyond_noise": None, "t": math.nan,
                 "verdict": f"n/a: the {' and '.join(gone)} arm{'s' if len(gone) > 1 else ''} diverged"}  # fmt: skip
@@ -147,11 +152,17 @@ def _versions() -> dict[str, str]:
 def build_report(plan: Plan, results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """The content of ``report.json``.
 
+    ``arms``: arm -> metric -> statistics, in the arms' order; ``reference``: the first arm; ``deltas``: every other
+    arm -> metric -> its difference from the reference and the noise verdict; ``differences``: every other arm -> the
+    recipe keys it changes against the reference. ``delta`` and ``arm_differences`` are the second arm's entries of
+    those two (what a two-arm A/B's readers know).
+
     An arm with a diverged run (non-finite outputs, for any seed) has no statistics: every metric of it holds
     ``mean`` and ``std`` null and ``diverged_seeds``, and every difference involving it is ``n/a``. A mean over the
     seeds that survived would flatter the arm; numbers of a diverged model mean nothing.
     """
-    diverged = {arm: [seed for seed in plan.seeds if results[arm][seed].get("diverged")] for arm in ARMS}
+    names = plan.arm_names
+    diverged = {arm: [seed for seed in plan.seeds if results[arm][seed].get("diverged")] for arm in names}
     arms = {
         arm: {
             metric: describe_values(
@@ -160,21 +171,30 @@ def build_report(plan: Plan, results: dict[str, dict[int, dict[str, Any]]]) -> d
             )
             for metric in METRICS
         }
-        for arm in ARMS
+        for arm in names
     }
+    reference = plan.reference
+    deltas = {
+        arm: {metric: compare(arms[reference][metric], arms[arm][metric], (reference, arm)) for metric in METRICS}
+        for arm in plan.others
+    }
+    differences = {arm: arm_differences(plan, arm) for arm in plan.others}
     return {
         "command": plan.command,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seeds": plan.seeds,
         "units": {metric: unit for metric, (_, unit, _) in METRICS.items()},
+        "reference": reference,
         "arms": arms,
-        "delta": {metric: compare(arms["baseline"][metric], arms["treatment"][metric]) for metric in METRICS},
-        "recipes": {arm: {"path": str(plan.recipe(arm)), "resolved": plan.resolved[arm]} for arm in ARMS},
-        "arm_differences": arm_differences(plan),
+        "deltas": deltas,
+        "delta": deltas[plan.others[0]],
+        "recipes": {arm: {"path": str(plan.recipe(arm)), "resolved": plan.resolved[arm]} for arm in names},
+        "differences": differences,
+        "arm_differences": differences[plan.others[0]],
         "overrides": plan.overrides,
         "runs": {
             arm: {str(seed): {k: results[arm][seed][k] for k in ("run_name", "algorithms")} for seed in plan.seeds}
-            for arm in ARMS
+            for arm in names
         },
         "diverged": diverged,
         "versions": _versions(),
@@ -202,25 +222,29 @@ def _seed_cell(value: float | None) -> str:
     return "diverged" if value is None else "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
+def _difference(delta: dict[str, Any], unit: str) -> str:
+    if math.isnan(delta["difference"]):
+        return "n/a"
+    # Differences of percentages are percentage points.
+    points = "pp" if unit == "%" else unit
+    return f"{delta['difference']:+.{_digits(unit)}f} {points} ({100 * delta['relative']:+.1f} %)"
+
+
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
-    """Header and one row per metric: label, baseline, treatment, difference, noise verdict."""
-    rows = [["metric", "baseline", "treatment", "treatment - baseline", "vs seed-to-seed noise"]]
+    """Header and one row per metric: label, one column per arm, then per arm after the reference its difference
+    from the reference and the noise verdict (two arms: label, baseline, treatment, difference, verdict)."""
+    names, reference = list(report["arms"]), report["reference"]
+    others = [arm for arm in names if arm != reference]
+    header = ["metric", *names]
+    for arm in others:
+        header += [f"{arm} - {reference}", "vs seed-to-seed noise"]
+    rows = [header]
     for metric, (label, unit, _) in METRICS.items():
-        delta = report["delta"][metric]
-        digits = _digits(unit)
-        # Differences of percentages are percentage points.
-        difference = (
-            "n/a"
-            if math.isnan(delta["difference"])
-            else f"{delta['difference']:+.{digits}f} {'pp' if unit == '%' else unit} ({100 * delta['relative']:+.1f} %)"
-        )
-        rows.append([
-            label,
-            _cell(report["arms"]["baseline"][metric], unit),
-            _cell(report["arms"]["treatment"][metric], unit),
-            difference,
-            delta.get("verdict", "n/a"),
-        ])  # fmt: skip
+        row = [label, *(_cell(report["arms"][arm][metric], unit) for arm in names)]
+        for arm in others:
+            delta = report["deltas"][arm][metric]
+            row += [_difference(delta, unit), delta.get("verdict", "n/a")]
+        rows.append(row)
     return rows
 
 
@@ -234,36 +258,43 @@ def markdown_report(report: dict[str, Any]) -> str:
     rows = table_rows(report)
     table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    names, reference = list(report["arms"]), report["reference"]
     per_seed = [
         f"| {METRICS[m][0]} | "
-        + " | ".join(", ".join(_seed_cell(v) for v in report["arms"][arm][m]["values"]) for arm in ARMS)
+        + " | ".join(", ".join(_seed_cell(v) for v in report["arms"][arm][m]["values"]) for arm in names)
         + " |"
         for m in METRICS
     ]
-    differences = report["arm_differences"] or ["(none: the arms resolve to the same recipe)"]
+    differences = []
+    for arm, lines in report["differences"].items():
+        differences += ["", f"`{arm}` against `{reference}`:", ""]
+        differences += [f"- `{line}`" for line in lines] or [f"- (none: `{arm}` resolves to the same recipe)"]
+    recipes = ", ".join(f"`{arm}` (`{report['recipes'][arm]['path']}`)" for arm in names)
     machine = report["machine"]
     versions = report["versions"]
     return "\n".join(
         [
             "# A/B report",
             "",
-            f"Baseline `{report['recipes']['baseline']['path']}` vs treatment "
-            f"`{report['recipes']['treatment']['path']}`, seeds {', '.join(map(str, report['seeds']))}; "
-            "mean ± sample standard deviation over the seeds.",
+            f"Arms {recipes}; every arm is compared to the first, `{reference}`. Seeds "
+            f"{', '.join(map(str, report['seeds']))}; mean ± sample standard deviation over the seeds.",
             "",
             *table,
             "",
             "A difference is *beyond seed noise* when Welch's t-test rejects equal means at 95 % (two-sided). With few "
             "seeds only large differences can pass.",
             "",
-            "Per seed, in seed order (baseline | treatment):",
+            f"Per seed, in seed order ({' | '.join(names)}):",
             "",
-            "| metric | baseline | treatment |",
-            "|---|---|---|",
+            "| metric | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
             *per_seed,
             "",
             "Shift consistency: the crop protocol of each recipe's `shift_consistency_monitor` at the end of training "
-            "(% of images whose top-1 is the same for two random shifts). Throughput and peak memory: the run's "
+            "(% of images whose top-1 is the same for two random shifts). Circular consistency: the same images, "
+            "centre-cropped to the crop size and rolled (`torch.roll`) by two random shifts in [-max_shift, "
+            "max_shift) per axis, measured after training (100 % by construction for a network invariant to "
+            "circular shifts). Throughput and peak memory: the run's "
             "`throughput_monitor` (samples/s of step time without the first batch; peak resident memory on CPU, CUDA "
             "allocator peak on GPU). Wall time: from building the Trainer to the end of the final evaluation.",
             "",
@@ -272,8 +303,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             "![throughput](throughput.png)",
             "",
             "## What differs between the arms",
-            "",
-            *[f"- `{line}`" for line in differences],
+            *differences,
             "",
             "## How it was made",
             "",
@@ -281,7 +311,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             report["command"],
             "```",
             "",
-            f"Overrides for both arms: {', '.join(f'`{o}`' for o in report['overrides']) or 'none'}.",
+            f"Overrides for every arm: {', '.join(f'`{o}`' for o in report['overrides']) or 'none'}.",
             f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, GPU: {machine['gpu'] or 'none'}.",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
             f"Created {report['created']}.",
@@ -312,14 +342,15 @@ def _plots(plan: Plan, results: dict[str, dict[int, dict[str, Any]]], folder: Pa
     # Imported here, not at the top: matplotlib takes a second to import and only the plots need it.
     from matplotlib.figure import Figure
 
-    colors = {"baseline": "tab:blue", "treatment": "tab:orange"}
+    # Matplotlib's default cycle, in the arms' order (as the stability plot draws them): baseline blue, then orange.
+    colors = {arm: f"C{index % 10}" for index, arm in enumerate(plan.arm_names)}
     for name, key, scale, ylabel in (
         ("accuracy.png", "metrics/eval/MulticlassAccuracy", 100.0, "eval top-1 accuracy (%)"),
         ("throughput.png", "throughput/samples_per_sec", 1.0, "samples/s (windowed)"),
     ):
         figure = Figure(figsize=(6.4, 4.0))
         axes = figure.subplots()
-        for arm in ARMS:
+        for arm in plan.arm_names:
             for index, seed in enumerate(plan.seeds):
                 series = results[arm][seed].get("history", {}).get(key, [])
                 if series:
@@ -336,7 +367,7 @@ def _plots(plan: Plan, results: dict[str, dict[int, dict[str, Any]]], folder: Pa
         figure.tight_layout()
         _save(figure, folder / name, dpi=110)
     curves = {}
-    for arm in ARMS:
+    for arm in plan.arm_names:
         found = [curve for curve in (results[arm][seed].get("stability") for seed in plan.seeds) if curve]
         if found:
             curves[arm] = _mean_stability(found)

@@ -1,11 +1,12 @@
-"""The A/B runner, end to end: report files and schema, the runner killed with SIGTERM and with SIGKILL in the middle
-of a run (its child dies with it, a second runner is refused while it lives, a partial checkpoint is set aside, the
-killed run's log is kept, the resumed report equals an uninterrupted run's numbers), failures that leave no report,
-folders of another A/B (another recipe, or a changed package default), diverged arms, and the noise verdict against
-scipy's Welch test.
+"""The A/B/n runner, end to end: report files and schema (three arms: a column per arm, a difference and verdict per
+arm against the first), the runner killed with SIGTERM and with SIGKILL in the middle of a run (its child dies with
+it, a second runner is refused while it lives, a partial checkpoint is set aside, the killed run's log is kept, the
+resumed report equals an uninterrupted run's numbers), failures that leave no report, folders of another A/B (other
+arms, another recipe, or a changed package default), the arms on the command line, diverged arms, the APS twin
+recipes, and the noise verdict against scipy's Welch test.
 
-One A/B is trained (module fixture, one worker): baseline and treatment for seed 17, the treatment interrupted twice.
-Everything else runs the runner in this process, with real or stand-in children.
+One A/B is trained (session fixture, one worker): three arms (baseline, treatment, aps) for seed 17, given as
+``--arm``, the treatment interrupted. Everything else runs the runner in this process, with real or stand-in children.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICKSTART, QUICKSTART_BASELINE, ROOT, TINY
+from helpers import QUICKSTART, QUICKSTART_BASELINE, ROOT, TINY, YAMLS
 from scipy import stats
 
 from blurpool_algo import ab, ab_plan, ab_report
-from blurpool_algo.ab_plan import ABError, parse_seeds
+from blurpool_algo.ab_plan import ABError, parse_arms, parse_seeds
 from blurpool_algo.ab_report import compare, describe_values
 from blurpool_algo.algorithm import BlurPool
 from blurpool_algo.checkpoint_files import checkpoint_file_status
@@ -46,20 +47,31 @@ pytestmark = pytest.mark.xdist_group("ab")
 
 # Checkpoints every batch (under --out, resumed after an interruption), so a kill lands between or inside writes.
 RUN = [*TINY, "max_duration=8ba", "save_folder=unused", "save_interval=1ba", "save_num_checkpoints_to_keep=2"]
-METRICS = ("accuracy", "shift_consistency", "samples_per_sec", "peak_memory", "wall_time")
+METRICS = ("accuracy", "shift_consistency", "circular_consistency", "samples_per_sec", "peak_memory", "wall_time")
 REPORT = ("report.json", "report.md", "accuracy.png", "stability.png", "throughput.png")
+QUICKSTART_APS = YAMLS / "quickstart_aps.yaml"
+#: The trained A/B's arms, in order: the reference, the BlurPool twin, the APS twin.
+THREE_ARMS = {"baseline": QUICKSTART_BASELINE, "treatment": QUICKSTART, "aps": QUICKSTART_APS}
 
 
-def ab_argv(out: Path, *extra: str, baseline: Path = QUICKSTART_BASELINE, treatment: Path = QUICKSTART) -> list[str]:
-    return ["--baseline", str(baseline), "--treatment", str(treatment), "--seeds", "1", "--out", str(out), *RUN,
-            *extra]  # fmt: skip
+def ab_argv(
+    out: Path,
+    *extra: str,
+    baseline: Path = QUICKSTART_BASELINE,
+    treatment: Path = QUICKSTART,
+    arms: dict[str, Path] | None = None,
+) -> list[str]:
+    """The runner's arguments: ``--arm NAME=RECIPE`` per arm with ``arms``, else ``--baseline`` / ``--treatment``."""
+    given = [f"--arm={name}={path}" for name, path in arms.items()] if arms else []
+    given = given or ["--baseline", str(baseline), "--treatment", str(treatment)]
+    return [*given, "--seeds", "1", "--out", str(out), *RUN, *extra]
 
 
 def start_runner(out: Path) -> subprocess.Popen:
     # One intra-op thread in the runs, as in this worker: the reference run below computes bit-identically.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "blurpool_algo.ab", *ab_argv(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "blurpool_algo.ab", *ab_argv(out, arms=THREE_ARMS)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def run_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -95,7 +107,8 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
-    """An A/B whose runner is killed (SIGKILL) while the treatment run trains, then resumed: what the tests read."""
+    """A three-arm A/B whose runner is killed (SIGKILL) while the treatment run trains, then resumed: what the tests
+    read."""
     out = tmp_path_factory.mktemp("ab") / "tiny"
     checkpoints = out / "checkpoints" / "treatment-seed17"
     seen: dict = {}
@@ -115,7 +128,7 @@ def finished(tmp_path_factory):
     handler = signal.getsignal(signal.SIGTERM)
     refused = io.StringIO()
     with contextlib.redirect_stderr(refused):
-        seen["refused"] = (ab.main(ab_argv(out)), refused.getvalue())
+        seen["refused"] = (ab.main(ab_argv(out, arms=THREE_ARMS)), refused.getvalue())
     signal.signal(signal.SIGTERM, handler)
     latest = checkpoints / "latest-rank0.pt"
     wait_for(lambda: latest.exists() and latest.stat().st_mtime > started, runner, "the treatment run's checkpoint")
@@ -144,7 +157,7 @@ def finished(tmp_path_factory):
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            code = ab.main(ab_argv(out))
+            code = ab.main(ab_argv(out, arms=THREE_ARMS))
     finally:
         signal.signal(signal.SIGTERM, handler)
         os.environ.pop("OMP_NUM_THREADS") if threads is None else os.environ.update(OMP_NUM_THREADS=threads)
@@ -160,10 +173,11 @@ def test_every_report_file_with_the_schema(finished):
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "report.json").read_text())
     assert report["seeds"] == [17]
-    units = {"accuracy": "%", "shift_consistency": "%", "samples_per_sec": "samples/s", "peak_memory": "MiB"}
-    assert report["units"] == {**units, "wall_time": "s"}
-    assert report["diverged"] == {"baseline": [], "treatment": []}
-    for arm in ("baseline", "treatment"):
+    units = {"accuracy": "%", "shift_consistency": "%", "circular_consistency": "%", "samples_per_sec": "samples/s"}
+    assert report["units"] == {**units, "peak_memory": "MiB", "wall_time": "s"}
+    assert list(report["arms"]) == list(THREE_ARMS) and report["reference"] == "baseline"  # the order given
+    assert report["diverged"] == {"baseline": [], "treatment": [], "aps": []}
+    for arm in THREE_ARMS:
         run = json.loads((out / "runs" / f"{arm}-seed17.json").read_text())
         for metric in METRICS:
             entry = report["arms"][arm][metric]
@@ -171,26 +185,47 @@ def test_every_report_file_with_the_schema(finished):
             assert entry["mean"] == entry["values"][0] and entry["std"] == 0.0
         assert report["arms"][arm]["accuracy"]["values"] == [run["accuracy"]]
         assert report["arms"][arm]["shift_consistency"]["values"] == [run["shift_consistency"]["crop"]]
-        assert report["recipes"][arm]["path"].endswith(f"quickstart_{'blurpool' if arm == 'treatment' else arm}.yaml")
-        assert run["run_name"] == f"tiny-{arm}-seed17"  # both arms run seed 17: the same initial weights
+        # Circular consistency beside crop: measured after training on the crop monitor's images (every arm).
+        assert report["arms"][arm]["circular_consistency"]["values"] == [run["shift_consistency"]["circular"]]
+        assert report["recipes"][arm]["path"] == str(THREE_ARMS[arm])
+        assert run["run_name"] == f"tiny-{arm}-seed17"  # every arm runs seed 17: the same initial weights
     assert report["runs"]["treatment"]["17"]["algorithms"] == ["BlurPool"]
+    assert report["runs"]["aps"]["17"]["algorithms"] == ["BlurPool"]
     assert report["runs"]["baseline"]["17"]["algorithms"] == []
     assert report["overrides"] == RUN
-    assert report["arm_differences"] == [
+    blurpool = [
         "algorithms.blurpool.blur_first: '(absent)' -> True",
         "algorithms.blurpool.filter_size: '(absent)' -> 3",
         "algorithms.blurpool.min_channels: '(absent)' -> 16",
         "algorithms.blurpool.pad_mode: '(absent)' -> 'zeros'",
     ]
+    aps = ["algorithms.blurpool.circular_padding: '(absent)' -> True", "algorithms.blurpool.sampling: '(absent)' -> "
+           "'adaptive'"]  # fmt: skip
+    assert report["arm_differences"] == report["differences"]["treatment"] == blurpool  # the second arm's, as before
+    assert report["differences"]["aps"] == sorted(blurpool + aps)  # each arm against the reference, not the previous
+    assert set(report["deltas"]) == {"treatment", "aps"} and report["delta"] == report["deltas"]["treatment"]
     assert report["delta"]["accuracy"]["verdict"] == "one seed: noise unknown"
+    for arm in ("treatment", "aps"):
+        for metric in METRICS:
+            expected = report["arms"][arm][metric]["mean"] - report["arms"]["baseline"][metric]["mean"]
+            assert report["deltas"][arm][metric]["difference"] == pytest.approx(expected)
+    # The table: a column per arm, then a difference and a verdict per arm against the reference.
+    rows = ab_report.table_rows(report)
+    assert rows[0] == ["metric", "baseline", "treatment", "aps", "treatment - baseline", "vs seed-to-seed noise",
+                       "aps - baseline", "vs seed-to-seed noise"]  # fmt: skip
+    assert [row[0] for row in rows[1:3]] == ["top-1 accuracy", "shift consistency"]
+    assert rows[3][0] == "circular consistency" and all(len(row) == 8 for row in rows)
     assert {"torch", "mosaicml", "python"} <= set(report["versions"]) and report["machine"]["cpu_count"] >= 1
     markdown = (out / "report.md").read_text()
     assert "| top-1 accuracy |" in markdown and "python -m blurpool_algo.ab" in markdown
     assert "![diagonal stability](stability.png)" in markdown
+    assert "| metric | baseline | treatment | aps |" in markdown and "`aps` against `baseline`:" in markdown
     # The same table on the terminal, and a progress line per run: the baseline reused, the treatment resumed.
-    assert "shift consistency" in stdout.split("report in")[-1]
-    assert "[ab 1/2] baseline seed 17: finished before, reused: tiny-baseline-seed17: top-1 accuracy" in stdout
-    assert "[ab 2/2] treatment seed 17: running" in stdout
+    table = stdout.split("report in")[-1]
+    assert "shift consistency" in table and "circular consistency" in table and "aps - baseline" in table
+    assert "[ab 1/3] baseline seed 17: finished before, reused: tiny-baseline-seed17: top-1 accuracy" in stdout
+    assert "[ab 2/3] treatment seed 17: running" in stdout and "[ab 3/3] aps seed 17: running" in stdout
+    assert "circular consistency" in stdout.split("[ab 3/3] aps seed 17: ")[-1].splitlines()[0]  # the run's line
     # No temporary file is left behind, nor the lock's pid record.
     assert not [p for p in out.rglob(".*")] and not (out / "lock.json").exists()
 
@@ -255,6 +290,7 @@ def test_the_resumed_report_equals_an_uninterrupted_run(finished):
         torch.set_num_threads(threads)
     assert report["arms"]["treatment"]["accuracy"]["values"] == [reference.accuracy]
     assert report["arms"]["treatment"]["shift_consistency"]["values"] == [reference.shift_consistency["crop"]]
+    assert report["arms"]["treatment"]["circular_consistency"]["values"] == [reference.shift_consistency["circular"]]
 
 
 # ------------------------------------------------------------------------------------- refusals, failures, divergence
@@ -262,14 +298,19 @@ def test_the_resumed_report_equals_an_uninterrupted_run(finished):
 
 def test_an_out_folder_of_another_ab_is_refused(finished, capsys):
     out, _, _ = finished
-    code, _, stderr = run_in_process(ab_argv(out, "optimizer.lr=0.2"), capsys)
+    code, _, stderr = run_in_process(ab_argv(out, "optimizer.lr=0.2", arms=THREE_ARMS), capsys)
     assert code == 2 and "holds an A/B with other recipes, overrides" in stderr
+    # Another set of arms (two of the three; the same three in another order) is another A/B.
+    for arms in (None, dict(reversed(THREE_ARMS.items()))):
+        code, _, stderr = run_in_process(ab_argv(out, arms=arms), capsys)
+        assert code == 2 and "holds an A/B with other arms" in stderr
+        assert "(its arms: baseline, treatment, aps)" in stderr
 
 
 def test_a_changed_package_default_or_version_refuses_the_old_folder(finished, monkeypatch):
     out, _, _ = finished
     args = argparse.ArgumentParser().parse_args([])
-    args.baseline, args.treatment, args.seeds, args.out, args.nproc = QUICKSTART_BASELINE, QUICKSTART, "1", out, 1
+    args.arm, args.seeds, args.out, args.nproc = [f"{name}={path}" for name, path in THREE_ARMS.items()], "1", out, 1
     args.overrides, args.argv = RUN, []
     ab_plan.make_plan(args)  # control: the same A/B resumes
     # As if a release changed the default of an option the recipes do not set.
@@ -337,8 +378,9 @@ def test_a_diverged_arm_is_shown_as_diverged_never_as_a_number(tmp_path):
                 "throughput": {"samples_per_sec": 321.0, "peak_memory_bytes": 3 * 2**20}}  # fmt: skip
 
     plan = ab_plan.Plan(
-        QUICKSTART_BASELINE, QUICKSTART, [17, 18], [], tmp_path, resolved={"baseline": {}, "treatment": {}}
-    )
+        {"baseline": QUICKSTART_BASELINE, "treatment": QUICKSTART}, [17, 18], [], tmp_path,
+        resolved={"baseline": {}, "treatment": {}},
+    )  # fmt: skip
     results = {
         "baseline": {17: summary(90.0, 95.0, False), 18: summary(91.0, 96.0, False)},
         "treatment": {17: summary(10.0, 100.0, True), 18: summary(92.0, 97.0, False)},
@@ -354,6 +396,17 @@ def test_a_diverged_arm_is_shown_as_diverged_never_as_a_number(tmp_path):
     markdown = ab_report.markdown_report(report)
     assert "| top-1 accuracy | 90.00, 91.00 | diverged, 92.00 |" in markdown
     assert "10.00" not in markdown and "100.00" not in markdown
+    # A third arm that diverged is its own: the treatment's comparison with the reference keeps its numbers.
+    plan.arms["aps"], plan.resolved["aps"] = QUICKSTART_APS, {}
+    results["aps"] = {17: summary(5.0, 100.0, True), 18: summary(93.0, 98.0, False)}
+    results["treatment"][17] = summary(92.0, 97.0, False)
+    report = ab_report.build_report(plan, results)
+    rows = ab_report.table_rows(report)
+    assert report["diverged"] == {"baseline": [], "treatment": [], "aps": [17]}
+    assert rows[1][2:] == [
+        "92.00 ± 0.00 %", "diverged (seed 17)", "+1.50 pp (+1.7 %)", "within seed noise (t = +3.00, limit ±12.71)",
+        "n/a", "n/a: the aps arm diverged",
+    ]  # fmt: skip
     # Control: the same results without the divergence show numbers.
     results["treatment"][17] = summary(10.0, 100.0, False)
     assert ab_report.table_rows(ab_report.build_report(plan, results))[1][2] == "51.00 ± 57.98 %"
@@ -400,3 +453,84 @@ def test_seeds(text, seeds):
 def test_bad_seeds(text):
     with pytest.raises(ABError, match="--seeds"):
         parse_seeds(text)
+
+
+# ------------------------------------------------------------------------------------------------------------ arms
+
+
+def test_arms_in_the_order_given_and_the_two_arm_flags_are_two_arms():
+    arms = parse_arms(["ref=a.yaml", "b.2=b.yaml", "C_3=c=d.yaml"])  # a path may hold '='; the name may not
+    assert list(arms.items()) == [("ref", Path("a.yaml")), ("b.2", Path("b.yaml")), ("C_3", Path("c=d.yaml"))]
+    assert parse_arms(None, "a.yaml", "b.yaml") == {"baseline": Path("a.yaml"), "treatment": Path("b.yaml")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arm", "a=A.yaml", "--baseline", "B.yaml"], "either as --arm NAME=RECIPE (repeated) or as --baseline"),
+        (["--arm", "a=A.yaml", "--arm", "a=B.yaml"], "--arm names must be unique, got 'a' twice"),
+        (["--arm", "a=A.yaml"], "at least two arms (the first is the reference), got only --arm a=A.yaml"),
+        (["--arm", "a=A.yaml", "--arm", "=B.yaml"], "--arm names must be 1 to 64 letters"),
+        (["--arm", "a=A.yaml", "--arm", "x/y=B.yaml"], "got 'x/y'"),
+        (["--arm", "a=A.yaml", "--arm", ".hidden=B.yaml"], "got '.hidden'"),
+        (["--arm", "a=A.yaml", "--arm", "B.yaml"], "--arm must be NAME=RECIPE"),
+        (["--arm", "a=A.yaml", "--arm", "b="], "--arm must be NAME=RECIPE"),
+        (["--baseline", "A.yaml"], "--treatment is missing"),
+        (["--treatment", "B.yaml"], "--baseline is missing"),
+        ([], "no arms: give --baseline A --treatment B, or two or more --arm NAME=RECIPE"),
+    ],
+)
+def test_bad_arms_are_refused_before_anything_is_read_or_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    code, _, stderr = run_in_process([*argv, "--out", str(out)], capsys)
+    assert code == 2 and stderr.startswith("error: ") and message in stderr
+    assert not out.exists()
+
+
+def _plan(out: Path, *argv: str) -> ab_plan.Plan:
+    args = argparse.Namespace(arm=None, baseline=None, treatment=None, seeds="1", out=out, nproc=1, overrides=[],
+                              argv=[])  # fmt: skip
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        if flag == "--arm":
+            args.arm = [*(args.arm or []), value]
+        else:
+            setattr(args, flag.lstrip("-"), value)
+    return ab_plan.make_plan(args)
+
+
+def test_baseline_and_treatment_flags_are_the_same_ab_as_two_arms(tmp_path):
+    legacy = _plan(tmp_path, "--baseline", str(QUICKSTART_BASELINE), "--treatment", str(QUICKSTART))
+    arms = _plan(tmp_path, "--arm", f"baseline={QUICKSTART_BASELINE}", "--arm", f"treatment={QUICKSTART}")
+    assert legacy.fingerprint() == arms.fingerprint() and legacy.arms == arms.arms
+    # Control: other names for the same two recipes make another A/B (its files are named by its arms).
+    other = _plan(tmp_path, "--arm", f"base={QUICKSTART_BASELINE}", "--arm", f"blurpool={QUICKSTART}")
+    assert other.fingerprint()["arms"] == ["base", "blurpool"] != legacy.fingerprint()["arms"]
+    assert other.run_json("blurpool", 17) == tmp_path / "runs" / "blurpool-seed17.json"
+
+
+def test_a_two_arm_folder_written_before_the_arms_were_recorded_still_resumes(tmp_path):
+    plan = _plan(tmp_path, "--baseline", str(QUICKSTART_BASELINE), "--treatment", str(QUICKSTART))
+    old = {key: value for key, value in json.loads(json.dumps(plan.fingerprint())).items() if key != "arms"}
+    (tmp_path / "ab.json").write_text(json.dumps(old))
+    _plan(tmp_path, "--baseline", str(QUICKSTART_BASELINE), "--treatment", str(QUICKSTART))
+    with pytest.raises(ABError, match="other arms"):  # control: another arm set is refused
+        _plan(tmp_path, "--arm", f"a={QUICKSTART_BASELINE}", "--arm", f"b={QUICKSTART}")
+
+
+@pytest.mark.parametrize("family", ["quickstart", "resnet50"])
+def test_the_aps_twins_differ_from_the_blurpool_recipes_in_sampling_and_padding_only(tmp_path, imagenet_tree, family):
+    argv = ["--arm", f"blurpool={YAMLS / f'{family}_blurpool.yaml'}", "--arm", f"aps={YAMLS / f'{family}_aps.yaml'}"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMAGENET_ROOT", str(imagenet_tree))
+        plan = _plan(tmp_path, *argv)
+    # The keys the recipes set (the BlurPool twin leaves both at their defaults) ...
+    assert ab_plan.arm_differences(plan, "aps") == [
+        "algorithms.blurpool.circular_padding: '(absent)' -> True",
+        "algorithms.blurpool.sampling: '(absent)' -> 'adaptive'",
+    ]
+    # ... and the algorithms as built: every other option the same.
+    built = {arm: plan.algorithm_options[arm]["blurpool"] for arm in ("blurpool", "aps")}
+    assert {key for key in built["aps"] if built["aps"][key] != built["blurpool"][key]} == {
+        "sampling", "circular_padding"
+    }  # fmt: skip
+    assert (built["blurpool"]["sampling"], built["aps"]["sampling"]) == ("fixed", "adaptive")
