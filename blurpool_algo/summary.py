@@ -6,9 +6,10 @@ runner all print it.
 
 Example:
     >>> summary = RunSummary(run_name="quickstart", accuracy=97.25, wall_time=61.04, algorithms=["BlurPool"],
-    ...                      shift_consistency={"crop": 93.5}, throughput={"samples_per_sec": 812.4})
-    >>> print(summary)
-    quickstart: top-1 accuracy 97.25 %, crop consistency 93.50 %, 812 samples/s, wall time 61.0 s, algorithms: BlurPool
+    ...                      shift_consistency={"crop": 93.5, "circular": 88.25}, throughput={"samples_per_sec": 812.4})
+    >>> print(summary)  # doctest: +NORMALIZE_WHITESPACE
+    quickstart: top-1 accuracy 97.25 %, crop consistency 93.50 %, circular consistency 88.25 %, 812 samples/s,
+    wall time 61.0 s, algorithms: BlurPool
     >>> print(describe_run({"run_name": "lr", "diverged": True, "diverged_at_batch": 7, "wall_time": 3.0,
     ...                     "algorithms": []}))
     lr: DIVERGED at batch 7 (non-finite outputs): no accuracy or consistency reported, wall time 3.0 s, algorithms: none
@@ -46,7 +47,9 @@ class RunSummary:
         accuracy: final top-1 accuracy in percent, reduced over ranks.
         wall_time: seconds from building the Trainer to the end of the final evaluation.
         algorithms: class names of the run's algorithms.
-        shift_consistency: mode -> the last consistency (percent) of each ShiftConsistencyMonitor.
+        shift_consistency: mode -> consistency in percent: the last of each ShiftConsistencyMonitor (``'crop'``,
+            ``'circular'``), and ``'circular'`` measured after training on a crop monitor's images when no monitor
+            measures it (:func:`~blurpool_algo.trainer.run_recipe`).
         throughput: the ThroughputMonitor's fit summary (``samples_per_sec``, ``peak_memory_bytes``, ...), if any.
         diverged: the model's outputs went non-finite (a NaN or infinite final training loss, or NaN/inf logits in a
             shift-consistency measurement): its accuracy and consistency mean nothing, and are not reported.

@@ -2,7 +2,8 @@
 
 :func:`build_trainer` assembles the Trainer from the parts validation built (:func:`blurpool_algo.recipe.recipe_parts`):
 nothing is constructed twice, and every checkpoint it loads passes the checkpoint gate. :func:`run_recipe` trains,
-evaluates and returns a :class:`~blurpool_algo.summary.RunSummary`.
+evaluates, measures circular consistency beside the recipe's crop consistency, and returns a
+:class:`~blurpool_algo.summary.RunSummary`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from composer.utils import dist, reproducibility
 from blurpool_algo import checkpoints
 from blurpool_algo.callbacks import ShiftConsistencyMonitor, ThroughputMonitor, network_of
 from blurpool_algo.data import DataError, bad_image_count
-from blurpool_algo.metrics import ConsistencyProtocol, DiagonalStability, diagonal_stability
+from blurpool_algo.metrics import (
+    ConsistencyProtocol,
+    DiagonalStability,
+    NonFiniteLogitsError,
+    diagonal_stability,
+    shift_consistency,
+)
 from blurpool_algo.models import build_model
 from blurpool_algo.recipe import Recipe, RecipeError, RecipeParts, recipe_parts
 from blurpool_algo.resume import recover_save_folder, room_for_a_checkpoint
@@ -154,10 +161,18 @@ class _History(LoggerDestination):
                 self.series.setdefault(key, []).append([float(step or 0), float(metrics[key])])
 
 
-def _final_stability(trainer: Trainer) -> DiagonalStability | None:
-    """The diagonal curve on the first ShiftConsistencyMonitor's loader and protocol (None without a monitor)."""
+def _crop_monitor(trainer: Trainer) -> ShiftConsistencyMonitor | None:
+    """The first ShiftConsistencyMonitor if it measures in crop mode on a loader of its own (else None)."""
     monitor = next((c for c in trainer.state.callbacks if isinstance(c, ShiftConsistencyMonitor)), None)
     if monitor is None or monitor.dataloader is None or monitor.mode != "crop":
+        return None
+    return monitor
+
+
+def _final_stability(trainer: Trainer) -> DiagonalStability | None:
+    """The diagonal curve on the first ShiftConsistencyMonitor's loader and protocol (None without a monitor)."""
+    monitor = _crop_monitor(trainer)
+    if monitor is None:
         return None
     with get_precision_context(trainer.state.precision, trainer.state.precision_config):
         return diagonal_stability(
@@ -165,6 +180,30 @@ def _final_stability(trainer: Trainer) -> DiagonalStability | None:
             monitor.dataloader,
             max_shift=monitor.max_shift,
             crop_size=monitor.crop_size,
+            num_batches=monitor.num_batches,
+        )
+
+
+def _final_circular_consistency(trainer: Trainer) -> float | None:
+    """Circular consistency on the crop monitor's loader, shift range, crop size and seed (None without one).
+
+    The crop monitor's images are framed at ``crop_size + max_shift``; circular mode centre-crops them to
+    ``crop_size`` and rolls that by two shifts in ``[-max_shift, max_shift)`` per axis: the same images and shift
+    range as the crop number, with the content wrapping around instead of entering from the frame. Raises
+    :class:`~blurpool_algo.metrics.NonFiniteLogitsError` for non-finite logits.
+    """
+    monitor = _crop_monitor(trainer)
+    if monitor is None:
+        return None
+    with get_precision_context(trainer.state.precision, trainer.state.precision_config):
+        return shift_consistency(
+            network_of(trainer.state.model),
+            monitor.dataloader,
+            mode="circular",
+            max_shift=monitor.max_shift,
+            crop_size=monitor.crop_size,
+            seed=monitor.seed,
+            offsets=monitor.offsets,
             num_batches=monitor.num_batches,
         )
 
@@ -198,6 +237,11 @@ def run_recipe(
 
     ``trainer_hook`` runs on the built Trainer before ``fit`` (tests use it to attach loggers). ``stability`` adds
     the diagonal stability curve after training, on the recipe's shift-consistency protocol (crop mode).
+
+    With a crop-mode ``shift_consistency_monitor`` (and no circular one), circular consistency is measured after
+    training on the monitor's images, shift range, crop size and seed (one more pass of two forward passes per
+    image), and reported as ``shift_consistency['circular']`` beside the monitor's ``'crop'``. A diverged run
+    reports neither; non-finite logits in the circular measurement mark the run diverged.
     """
     started = time.perf_counter()
     trainer = build_trainer(recipe)
@@ -226,7 +270,17 @@ def run_recipe(
         diverged_at_batch=diverged_at_batch,
         bad_images=sum(bad_image_count(loader) for loader in loaders if loader is not None),
     )
-    if stability and not diverged:
+    if not diverged and "circular" not in summary.shift_consistency:
+        try:
+            circular = _final_circular_consistency(trainer)
+        except NonFiniteLogitsError:
+            # Every rank raises it together (the counts agree across ranks first): the model's outputs went
+            # non-finite, so no consistency of it is reported, as for a monitor that saw it.
+            summary.diverged, summary.diverged_at_batch = True, int(trainer.state.timestamp.batch)
+            summary.shift_consistency, circular = {}, None
+        if circular is not None:
+            summary.shift_consistency["circular"] = circular
+    if stability and not summary.diverged:
         summary.stability = _final_stability(trainer)
     trainer.close()
     return summary

@@ -14,8 +14,9 @@ import pytest
 import torch
 from helpers import QUICKSTART, ROOT, TINY, YAMLS
 
-from blurpool_algo.callbacks import ShiftConsistencyMonitor
+from blurpool_algo.callbacks import ShiftConsistencyMonitor, network_of
 from blurpool_algo.layers import BlurConv2d, BlurMaxPool2d
+from blurpool_algo.metrics import shift_consistency
 from blurpool_algo.recipe import load_recipe
 from blurpool_algo.trainer import build_trainer, run_recipe
 
@@ -65,10 +66,23 @@ def test_quickstart_trains_a_few_batches():
     # Consistency is measured at the end of training on all 1,000 validation digits, 36 px crops of 44 px frames.
     monitor = next(c for c in seen["trainer"].state.callbacks if isinstance(c, ShiftConsistencyMonitor))
     assert len(monitor.dataloader.dataset) == 1000
-    assert summary.shift_consistency == {"crop": monitor.last_value}
+    # Beside it, circular consistency after training: the same 1,000 digits centre-cropped to 36 px and rolled by
+    # shifts in [-8, 8) per axis, the recipe's numbers written out here.
+    circular = shift_consistency(network_of(seen["trainer"].state.model), monitor.dataloader, mode="circular",
+                                 max_shift=8, crop_size=36)  # fmt: skip
+    assert summary.shift_consistency == {"crop": monitor.last_value, "circular": circular}
     assert summary.throughput["num_batches"] == 2  # 3 batches, the first left out as warm-up
     line = str(summary)
-    assert f"crop consistency {monitor.last_value:.2f} %" in line and "samples/s" in line
+    assert f"crop consistency {monitor.last_value:.2f} %, circular consistency {circular:.2f} %" in line
+    assert "samples/s" in line
+
+
+def test_a_circular_monitor_gives_the_circular_number_and_no_crop_one():
+    recipe = load_recipe(QUICKSTART, [*TINY, "max_duration=1ba", "callbacks.shift_consistency_monitor.mode=circular"])
+    seen = {}
+    summary = run_recipe(recipe, trainer_hook=lambda t: seen.update(trainer=t))
+    monitor = next(c for c in seen["trainer"].state.callbacks if isinstance(c, ShiftConsistencyMonitor))
+    assert summary.shift_consistency == {"circular": monitor.last_value}
 
 
 def test_same_seed_same_initial_weights_whatever_ran_before_and_no_shared_callbacks():
