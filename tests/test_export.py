@@ -33,6 +33,7 @@ COMBOS = [
     ("resnet18", {"pad_mode": "reflect"}),
     ("resnet18", {"pad_mode": "circular", "filter_size": 4, "blur_first": False}),
     ("resnet18", {"pad_mode": "replicate", "filter_size": 5}),
+    ("resnet18", {"sampling": "adaptive", "circular_padding": True, "min_channels": 0}),
 ]
 
 
@@ -98,8 +99,8 @@ def test_composer_reference_breaks_the_graph(fresh_dynamo) -> None:
 
 @pytest.mark.parametrize(
     ("arch", "options"),
-    [COMBOS[0], COMBOS[2], COMBOS[3], COMBOS[5]],
-    ids=[COMBO_IDS[0], COMBO_IDS[2], COMBO_IDS[3], COMBO_IDS[5]],
+    [COMBOS[0], COMBOS[2], COMBOS[3], COMBOS[5], COMBOS[7]],
+    ids=[COMBO_IDS[0], COMBO_IDS[2], COMBO_IDS[3], COMBO_IDS[5], COMBO_IDS[7]],
 )
 def test_compile_matches_eager(arch: str, options: dict, fresh_dynamo) -> None:
     model, _ = blurred(arch, options)

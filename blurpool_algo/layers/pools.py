@@ -20,6 +20,7 @@ __all__ = ["POOL_PADDING_MODES", "BlurAvgPool2d", "BlurMaxPool2d"]
 # torch.fx.wrap keeps a function out of a symbolic trace by its name in the calling module's globals: this module
 # calls blur_subsample under its own name, so it is registered here too.
 torch.fx.wrap("blur_sample")
+torch.fx.wrap("pad_map")
 
 #: How a pool pads: ``'zeros'`` is the pool's own padding (-inf for a max, zeros for an average), ``'circular'`` wraps
 #: the map around (what ``circular_padding`` asks of every layer).
@@ -38,7 +39,14 @@ def _setup_pool(pool: nn.MaxPool2d | nn.AvgPool2d, padding_mode: str) -> None:
     dilation = list(_pair(getattr(pool, "dilation", 1)))
     pool.geometry = [kernel, stride, padding, dilation]
     reach = [dilation[i] * (kernel[i] - 1) for i in range(2)]
-    pool.pool_pads = [padding[1], reach[1] - padding[1], padding[0], reach[0] - padding[0]]
+    # ceil_mode's extra windows read past the end: wrap that many more samples around there (the cut below keeps them).
+    extension = _ceil_mode_extension(pool)
+    pool.pool_pads = [
+        padding[1],
+        reach[1] - padding[1] + extension[1],
+        padding[0],
+        reach[0] - padding[0] + extension[3],
+    ]
     # The stride-1 pool's own padding: none where the map was wrapped around first.
     pool.dense_padding = [0, 0] if padding_mode == "circular" else padding
     pool.plain = pool.filter_size == 1 and pool.sampling == "fixed" and padding_mode == "zeros"
@@ -53,6 +61,7 @@ def _pooled_size(size: int, kernel: int, stride: int, padding: int, dilation: in
     return out
 
 
+@torch.fx.wrap
 def _cut_to_pool(out: Tensor, size: list[int], geometry: list[list[int]], ceil_mode: bool) -> Tensor:
     """A circular pool's blur-subsampled output (``ceil(side / stride)``), cut to the plain pool's output size for an
     input of ``size`` (equal to it wherever the map's sides are multiples of the stride)."""
@@ -151,7 +160,7 @@ class BlurMaxPool2d(OptionalFilterOnLoad, nn.MaxPool2d):
         if self.plain:
             return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         if self.padding_mode == "circular":
-            size = [int(input.shape[-2]), int(input.shape[-1])]
+            size = [input.shape[-2], input.shape[-1]]
             dense = F.max_pool2d(pad_map(input, self.pool_pads, "circular"), self.kernel_size, 1, 0, self.dilation)
             out = blur_sample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling)
             return _cut_to_pool(out, size, self.geometry, self.ceil_mode)
@@ -234,7 +243,7 @@ class BlurAvgPool2d(OptionalFilterOnLoad, nn.AvgPool2d):
                 self.divisor_override,
             )  # fmt: skip
         if self.padding_mode == "circular":
-            size = [int(input.shape[-2]), int(input.shape[-1])]
+            size = [input.shape[-2], input.shape[-1]]
             dense = F.avg_pool2d(
                 pad_map(input, self.pool_pads, "circular"), self.kernel_size, 1, 0, False, True, self.divisor_override
             )

@@ -76,11 +76,15 @@ def pad_map(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
 
 def _to_multiple(x: Tensor, stride: list[int], pad_mode: str) -> Tensor:
     """``x`` padded at its end so that each side is a multiple of its stride."""
+    if torch.jit.is_tracing():
+        # An ONNX graph (a trace) must serve every map size: pad by the most any size needs, a static amount, then cut
+        # to the multiple, an end that follows the traced shape.
+        padded = pad_map(x, [0, stride[1] - 1, 0, stride[0] - 1], pad_mode)
+        rows = (x.shape[-2] + stride[0] - 1) // stride[0] * stride[0]
+        cols = (x.shape[-1] + stride[1] - 1) // stride[1] * stride[1]
+        return padded[:, :, :rows, :cols]
     extra_h = (stride[0] - x.shape[-2] % stride[0]) % stride[0]
     extra_w = (stride[1] - x.shape[-1] % stride[1]) % stride[1]
-    if torch.jit.is_tracing():
-        # ONNX export (a trace) needs static pad amounts; map sizes are structural there.
-        extra_h, extra_w = int(extra_h), int(extra_w)
     return pad_map(x, [0, extra_w, 0, extra_h], pad_mode)
 
 
@@ -97,8 +101,10 @@ def choose_phase(x: Tensor, stride: list[int], pad_mode: str = "zeros") -> Tenso
     """
     x = _to_multiple(x, stride, pad_mode)
     n, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-    # Energies in at least float32: bfloat16 sums would tie or misorder components whose norms differ slightly.
-    energy = x.to(torch.promote_types(x.dtype, torch.float32)).square().sum(1)
+    # Energies in float64: the components of a smooth map with many channels can differ by 1e-8 of their energy, below
+    # float32's rounding, and a circular shift sums the same squares in another order; in float32 that order alone
+    # could change which component wins, and with it the output.
+    energy = x.to(torch.float32 if x.device.type == "mps" else torch.float64).square().sum(1)  # MPS has no float64
     energy = energy.reshape(n, height // stride[0], stride[0], width // stride[1], stride[1]).sum((1, 3))
     return energy.reshape(n, stride[0] * stride[1]).argmax(1)
 
@@ -171,16 +177,14 @@ def conv_at_phase(
     phase_w = phase - phase_h * stride[1]
     kernel = [weight.shape[2], weight.shape[3]]
     lengths: list[int] = []
-    extras: list[int] = []
     for axis in range(2):
-        size = int(x.shape[axis + 2]) + 2 * padding[axis]
+        size = x.shape[axis + 2] + 2 * padding[axis]
         reach = dilation[axis] * (kernel[axis] - 1)
         outputs = (size - reach - 1) // stride[axis] + 1
-        # The crop the strided conv reads, from the phase on; the last phase must find it inside the padded map.
-        length = stride[axis] * (outputs - 1) + reach + 1
-        lengths.append(length)
-        extras.append(max(0, stride[axis] - 1 + length - size))
-    pads = [padding[1], padding[1] + extras[1], padding[0], padding[0] + extras[0]]
+        # The crop the strided conv reads, from the phase on: at most the padded map's length, so ``stride - 1`` more
+        # samples at the end (a static amount, as an ONNX graph for every size needs) let the last phase find it.
+        lengths.append(stride[axis] * (outputs - 1) + reach + 1)
+    pads = [padding[1], padding[1] + stride[1] - 1, padding[0], padding[0] + stride[0] - 1]
     padded = F.pad(x, pads) if padding_mode == "zeros" else pad_map(x, pads, padding_mode)
     cropped = _crop_at(_crop_at(padded, phase_h, lengths[0], 2), phase_w, lengths[1], 3)
     return F.conv2d(cropped, weight, bias, stride, 0, dilation, groups)
