@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import blurpool_algo
 from blurpool_algo import BlurConv2d, BlurMaxPool2d, BlurPool, apply_blurpool
+from blurpool_algo.checkpoints import parse_algorithm_description
 from blurpool_algo.rules import EXCLUSIONS, Reason
 
 NUM_CLASSES = 10
@@ -203,6 +204,7 @@ def test_no_warning_when_layers_are_replaced():
         {"blur_first": False, "filter_size": 4, "pad_mode": "reflect"},
         {"replace_convs": False, "replace_avgpools": True, "min_channels": 0, "exclude": ("layer4.*", "fc")},
         {"placement": "after_activation", "filter_size": 4, "pad_mode": "reflect"},
+        {"sampling": "adaptive", "circular_padding": True, "min_channels": 0},
     ],
 )
 def test_repr_evals_back_to_an_equal_algorithm(options):
@@ -235,11 +237,21 @@ def test_options_read_as_attributes_like_composers():
         ({"replace_convs": False, "replace_maxpools": False}, "nothing to replace"),
         ({"exclude": [""]}, "exclude"),
         ({"placement": "paper"}, "placement must be one of 'conv', 'after_activation'"),
+        ({"sampling": "aps"}, "sampling must be one of 'fixed', 'adaptive'"),
+        ({"circular_padding": 1}, "circular_padding must be True or False, got 1"),
     ],
 )
 def test_bad_options_fail_at_construction(options, message):
     with pytest.raises(ValueError, match=message):
         BlurPool(**options)
+
+
+def test_sampling_options_are_attributes_and_parse_as_a_checkpoint_description():
+    algorithm = BlurPool(sampling="adaptive", circular_padding=True)
+    assert (algorithm.sampling, algorithm.circular_padding) == ("adaptive", True)
+    assert (BlurPool().sampling, BlurPool().circular_padding) == ("fixed", False)
+    cls, args, kwargs = parse_algorithm_description(repr(algorithm))
+    assert cls(*args, **kwargs) == algorithm
 
 
 def test_required_on_load():

@@ -858,3 +858,43 @@ def test_filter_size_one_is_the_original_network(options: dict) -> None:
     x = make_input(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), baseline(x))
+
+
+# ------------------------------------------------------------------------------------ sampling and circular padding
+
+
+def test_sampling_and_circular_padding_reach_every_layer_and_the_report() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),  # few channels: no blur, but padded circularly
+        nn.Conv2d(16, 16, 3, padding=1),  # stride 1: padded circularly
+        nn.MaxPool2d(3, 1, 1),  # stride 1: padded circularly, no blur
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),  # blurred, adaptive, circular
+        nn.MaxPool2d(3, 2, 1),  # blurred, adaptive, circular
+        nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"),  # circular already: untouched
+    )
+    report = apply_blurpool(model, sampling="adaptive", circular_padding=True, exclude=["5"])
+    assert [d.name for d in report.replaced] == ["3", "4"]
+    assert [(d.name, d.code.value) for d in report.circular] == [
+        ("0", "circular_conv"), ("1", "circular_conv"), ("2", "circular_pool"),
+    ]  # fmt: skip
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d, BlurMaxPool2d, BlurConv2d, BlurMaxPool2d, nn.Conv2d]
+    assert model[0].padding_mode == model[1].padding_mode == model[3].padding_mode == "circular"
+    assert model[2].padding_mode == model[4].padding_mode == "circular" and model[2].filter_size == 1
+    assert (model[3].sampling, model[3].pad_mode, model[4].sampling) == ("adaptive", "circular", "adaptive")
+    assert "circular 0: Conv2d" in str(report)
+    # Without circular_padding nothing else changes: no second pass, the blur keeps pad_mode.
+    plain = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Conv2d(16, 16, 3, padding=1))
+    report = apply_blurpool(plain, sampling="adaptive", pad_mode="reflect")
+    assert report.circular == [] and plain[1].padding_mode == "zeros" and plain[0].pad_mode == "reflect"
+
+
+def test_paper_placement_takes_the_sampling_option() -> None:
+    model = make_model("resnet18")
+    apply_blurpool(model, placement="after_activation", sampling="adaptive", circular_padding=True)
+    blurs = [m for m in model.modules() if hasattr(m, "sampling")]
+    assert blurs and all(m.sampling == "adaptive" and m.pad_mode == "circular" for m in blurs)
+    assert all(
+        m.padding_mode == "circular" for m in model.modules() if isinstance(m, nn.Conv2d) and m.padding != (0, 0)
+    )
+    with torch.no_grad():
+        assert model(make_input(1, 3, 64, 64)).shape == (1, 1000)
