@@ -21,15 +21,15 @@ def _error(path, overrides=(), **env) -> RecipeError:
 # ------------------------------------------------------------------------------------------------- every recipe
 
 
-@pytest.mark.parametrize("name", ["quickstart_baseline", "quickstart_blurpool"])
+@pytest.mark.parametrize("name", ["quickstart_baseline", "quickstart_blurpool", "quickstart_aps"])
 def test_quickstart_recipes_validate(name):
     recipe = load_recipe(YAMLS / f"{name}.yaml")
     assert recipe.data.name == "mnist5k"
     assert recipe.model.name == "resnet10"
-    assert ("blurpool" in recipe.algorithms) == name.endswith("blurpool")
+    assert ("blurpool" in recipe.algorithms) == (name != "quickstart_baseline")
 
 
-@pytest.mark.parametrize("name", ["resnet50_baseline", "resnet50_blurpool", "resnet50_blurpool_paper"])
+@pytest.mark.parametrize("name", ["resnet50_baseline", "resnet50_blurpool", "resnet50_blurpool_paper", "resnet50_aps"])
 def test_imagenet_recipes_validate_with_a_root(name, imagenet_tree):
     recipe = load_recipe(YAMLS / f"{name}.yaml", [f"data.root={imagenet_tree}"])
     # The published reference: 90 epochs, SGD momentum 0.9, lr 0.1 per 256 images, wd 1e-4, step decay at 30/60.
