@@ -20,8 +20,11 @@ of ``--repeats`` (at least 5) timings, so that drift on a shared machine hits ev
 
 Arms: ``baseline`` (torchvision's model), ``ours_first`` / ``ours_after`` (:func:`blurpool_algo.apply_blurpool`
 with ``blur_first`` True / False) and ``composer_first`` / ``composer_after`` (Composer's ``apply_blurpool``, same
-settings: 3-tap filter, zero padding, ``min_channels=16``). Weights are random and shared by every arm: time does not
-depend on them.
+settings: 3-tap filter, zero padding, ``min_channels=16``); ``aps_first`` / ``aps_after`` the same with
+``sampling='adaptive'``, ``aps_naive`` ``aps_first``'s function with every conv at stride 1 then the phase kept (what
+choosing the phase on the input saves), ``aps_circular`` ``aps_first`` with ``circular_padding=True`` (its per-layer
+figures cover the blurred layers only; circular stride-1 convs show in the whole step). Weights are random and shared
+by every arm: time does not depend on them.
 
 Prints one table per model of times and ratios to the baseline, then the per-layer table, then the issue's targets
 (ResNet-50: added layer time of ``ours_first`` at most half of ``composer_first``'s, ``ours_after`` no slower than
@@ -49,9 +52,11 @@ import torchvision
 from composer.algorithms.blurpool import apply_blurpool as composer_apply_blurpool
 from torch import nn
 
-from blurpool_algo import apply_blurpool
+from blurpool_algo import BlurConv2d, apply_blurpool
 from blurpool_algo.checks import check_choice, check_int, fail
 from blurpool_algo.files import write_json_atomically
+from blurpool_algo.layers import choose_phase, select_phase
+from blurpool_algo.layers.blur import blur_subsample
 from blurpool_algo.models import build_model, model_names, unknown_model_message
 
 ARMS: dict[str, str] = {
@@ -61,6 +66,11 @@ ARMS: dict[str, str] = {
     "composer_first": "composer.algorithms.blurpool.apply_blurpool(blur_first=True)",
     "composer_after": "composer.algorithms.blurpool.apply_blurpool(blur_first=False)",
     "ours_paper": "blurpool_algo.apply_blurpool(placement='after_activation'): the paper's placement",
+    "aps_first": "blurpool_algo.apply_blurpool(sampling='adaptive', blur_first=True): phase chosen on the blurred "
+    "input, the conv at its stride from that phase",
+    "aps_naive": "aps_first computed the naive way: every blurred conv at stride 1, then the chosen phase kept",
+    "aps_after": "blurpool_algo.apply_blurpool(sampling='adaptive', blur_first=False)",
+    "aps_circular": "aps_first with circular_padding=True (every conv and pool pads circularly)",
 }
 DEFAULT_MODELS = ("resnet50", "resnet18", "mobilenet_v2")
 MIN_REPEATS = 5
@@ -80,6 +90,26 @@ def _ours_surgery(model: nn.Module, blur_first: bool, placement: str = "conv") -
     return model
 
 
+class NaiveAdaptiveConv2d(BlurConv2d):
+    """The reference for ``aps_first``'s claim that an adaptive strided conv need not run at stride 1: blur, the conv
+    at stride 1, then the phase chosen on the blurred input kept (the same outputs wherever the grid stays inside the
+    map, at about ``stride**2`` times the conv's work)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        blurred = blur_subsample(input, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode, True)
+        dense = F.conv2d(blurred, self.weight, self.bias, 1, self.padding, self.dilation, self.groups)
+        return select_phase(dense, choose_phase(blurred, self.blur_stride, self.pad_mode), self.blur_stride)
+
+
+def _aps_surgery(model: nn.Module, blur_first: bool, naive: bool = False, circular: bool = False) -> nn.Module:
+    apply_blurpool(model, blur_first=blur_first, sampling="adaptive", circular_padding=circular)
+    if naive:
+        for module in model.modules():
+            if type(module) is BlurConv2d:
+                module.__class__ = NaiveAdaptiveConv2d  # same parameters and buffers, the naive forward
+    return model
+
+
 SURGERY: dict[str, Callable[[nn.Module], nn.Module]] = {
     "baseline": lambda model: model,
     "ours_first": lambda model: _ours_surgery(model, True),
@@ -87,6 +117,10 @@ SURGERY: dict[str, Callable[[nn.Module], nn.Module]] = {
     "composer_first": lambda model: _composer_surgery(model, True),
     "composer_after": lambda model: _composer_surgery(model, False),
     "ours_paper": lambda model: _ours_surgery(model, True, placement="after_activation"),
+    "aps_first": lambda model: _aps_surgery(model, True),
+    "aps_naive": lambda model: _aps_surgery(model, True, naive=True),
+    "aps_after": lambda model: _aps_surgery(model, False),
+    "aps_circular": lambda model: _aps_surgery(model, True, circular=True),
 }
 
 

@@ -5,6 +5,7 @@ Memory is asserted where it is deterministic: the bytes autograd saves for a bac
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import sys
@@ -123,12 +124,14 @@ def test_captured_inputs_are_what_the_layers_receive():
 def test_overhead_runs_end_to_end_and_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(overhead, "SAMPLE_SECONDS", 0.001)
     out = tmp_path / "overhead.json"
+    # One arm of each kind (every arm's surgery is checked on its own below): the run's cost grows with the arms.
+    arms = ("baseline", "ours_first", "composer_first", "ours_paper", "aps_first", "aps_naive")
     argv = ["--models", "resnet18", "--image-size", "32", "--batch-size", "2", "--repeats", "5",
-            "--layer-repeats", "5", "--json", str(out)]  # fmt: skip
+            "--layer-repeats", "5", "--arms", ",".join(arms), "--json", str(out)]  # fmt: skip
     assert overhead.main(argv) == 0
     payload = json.loads(out.read_text())
     result = payload["results"]["resnet18"]
-    assert set(result["arms"]) == set(overhead.ARMS)
+    assert set(result["arms"]) == set(arms)
     for arm in result["arms"].values():
         assert len(arm["train_step"]["values_ms"]) == 5 and arm["memory_bytes"] > 0
     layers = result["per_layer"]["layers"]
@@ -138,12 +141,30 @@ def test_overhead_runs_end_to_end_and_writes_json(tmp_path, monkeypatch, capsys)
     stage = [entry for entry in layers if entry["name"].startswith("layer2.0.")]
     assert [entry["name"] for entry in stage] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
     assert not stage[1]["arms"]["ours_first"]["replaced"] and stage[1]["arms"]["ours_paper"]["replaced"]
+    # The adaptive arms replace what ours_first replaces (the naive one too, by its own class).
+    for entry in layers:
+        flags = {arm: entry["arms"][arm]["replaced"] for arm in ("ours_first", "aps_first", "aps_naive")}
+        assert len(set(flags.values())) == 1, (entry["name"], flags)
     for arm, total in result["per_layer"]["added_ms"].items():
         assert total == pytest.approx(sum(entry["arms"][arm]["added_ms"] for entry in layers))
     assert payload["targets"] == []  # the targets are about ResNet-50
     printed = capsys.readouterr().out
     assert "resnet18: forward+backward per replaced layer" in printed and "ours_first" in printed
     assert not list(tmp_path.glob(".*"))  # no temporary file left beside the JSON
+
+
+def test_every_arms_surgery_gives_a_working_model_and_the_naive_aps_computes_aps_first():
+    assert set(overhead.SURGERY) == set(overhead.ARMS)
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    images, _ = _images(side=32)
+    outputs = {}
+    with torch.no_grad():
+        for arm, surgery in overhead.SURGERY.items():
+            outputs[arm] = surgery(copy.deepcopy(reference))(images)
+            assert outputs[arm].shape == (2, 10), arm
+    assert torch.equal(outputs["aps_naive"], outputs["aps_first"])  # the same function, at stride 1 first
+    assert not torch.equal(outputs["aps_first"], outputs["ours_first"])  # the phase choice changes the outputs
 
 
 def test_targets_are_judged_from_the_numbers():
