@@ -104,7 +104,9 @@ def choose_phase(x: Tensor, stride: list[int], pad_mode: str = "zeros") -> Tenso
     # Energies in float64: the components of a smooth map with many channels can differ by 1e-8 of their energy, below
     # float32's rounding, and a circular shift sums the same squares in another order; in float32 that order alone
     # could change which component wins, and with it the output.
-    energy = x.to(torch.float32 if x.device.type == "mps" else torch.float64).square().sum(1)  # MPS has no float64
+    # The squares themselves are the same whatever the order, so only the sums need float64 (MPS has none).
+    accumulate = torch.float32 if x.device.type == "mps" else torch.float64
+    energy = x.square().sum(1, dtype=accumulate)
     energy = energy.reshape(n, height // stride[0], stride[0], width // stride[1], stride[1]).sum((1, 3))
     return energy.reshape(n, stride[0] * stride[1]).argmax(1)
 
