@@ -163,8 +163,10 @@ def test_every_arms_surgery_gives_a_working_model_and_the_naive_aps_computes_aps
         for arm, surgery in overhead.SURGERY.items():
             outputs[arm] = surgery(copy.deepcopy(reference))(images)
             assert outputs[arm].shape == (2, 10), arm
-    assert torch.equal(outputs["aps_naive"], outputs["aps_first"])  # the same function, at stride 1 first
-    assert not torch.equal(outputs["aps_first"], outputs["ours_first"])  # the phase choice changes the outputs
+    # The same function, at stride 1 first: equal up to the conv kernels' summation order (1.8e-7 on one thread, 0 on
+    # two, on our machine), far below the 0.14 by which fixed sampling differs.
+    torch.testing.assert_close(outputs["aps_naive"], outputs["aps_first"], rtol=1e-5, atol=1e-6)
+    assert (outputs["aps_first"] - outputs["ours_first"]).abs().max() > 1e-2  # the phase choice changes the outputs
 
 
 def test_targets_are_judged_from_the_numbers():
