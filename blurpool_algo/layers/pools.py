@@ -27,13 +27,25 @@ torch.fx.wrap("pad_map")
 POOL_PADDING_MODES: tuple[str, ...] = ("zeros", "circular")
 
 
-def _setup_pool(pool: nn.MaxPool2d | nn.AvgPool2d, padding_mode: str) -> None:
-    """A pool's ``padding_mode``, its geometry as lists of ints, and its circular padding in ``F.pad`` order.
+def _setup_pool(
+    pool: nn.MaxPool2d | nn.AvgPool2d,
+    filter_size: int,
+    pad_mode: str,
+    device: Any,
+    dtype: Any,
+    sampling: str,
+    padding_mode: str,
+) -> None:
+    """A pool's blur (filter, stride, ceil_mode extension), ``padding_mode``, its geometry as lists of ints, and its
+    circular padding in ``F.pad`` order.
 
     Circular padding wraps ``padding`` samples around before each side and ``dilation * (kernel - 1) - padding``
     after it, so the stride-1 pool keeps the map's size: a periodic map stays periodic, whatever the kernel (an
     unpadded 2x2 average included), which is what exact invariance to circular shifts needs.
     """
+    pool.blur_stride = list(check_stride(pool.stride))
+    pool.ceil_extension = _ceil_mode_extension(pool)
+    setup_blur(pool, 1, filter_size, pad_mode, device, dtype, sampling)
     pool.padding_mode = check_choice("padding_mode", padding_mode, POOL_PADDING_MODES)
     kernel, stride, padding = (list(_pair(v)) for v in (pool.kernel_size, pool.stride, pool.padding))
     dilation = list(_pair(getattr(pool, "dilation", 1)))
@@ -128,10 +140,7 @@ class BlurMaxPool2d(OptionalFilterOnLoad, nn.MaxPool2d):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__(kernel_size, stride, padding, dilation, return_indices=False, ceil_mode=ceil_mode)
-        self.blur_stride = list(check_stride(self.stride))
-        self.ceil_extension = _ceil_mode_extension(self)
-        setup_blur(self, 1, filter_size, pad_mode, device, dtype, sampling)
-        _setup_pool(self, padding_mode)
+        _setup_pool(self, filter_size, pad_mode, device, dtype, sampling, padding_mode)
 
     @classmethod
     def from_maxpool(
@@ -210,10 +219,7 @@ class BlurAvgPool2d(OptionalFilterOnLoad, nn.AvgPool2d):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-        self.blur_stride = list(check_stride(self.stride))
-        self.ceil_extension = _ceil_mode_extension(self)
-        setup_blur(self, 1, filter_size, pad_mode, device, dtype, sampling)
-        _setup_pool(self, padding_mode)
+        _setup_pool(self, filter_size, pad_mode, device, dtype, sampling, padding_mode)
 
     @classmethod
     def from_avgpool(
@@ -243,12 +249,11 @@ class BlurAvgPool2d(OptionalFilterOnLoad, nn.AvgPool2d):
                 self.divisor_override,
             )  # fmt: skip
         if self.padding_mode == "circular":
-            size = [input.shape[-2], input.shape[-1]]
             dense = F.avg_pool2d(
                 pad_map(input, self.pool_pads, "circular"), self.kernel_size, 1, 0, False, True, self.divisor_override
             )
             out = blur_sample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling)
-            return _cut_to_pool(out, size, self.geometry, self.ceil_mode)
+            return _cut_to_pool(out, [input.shape[-2], input.shape[-1]], self.geometry, self.ceil_mode)
         if self.ceil_mode:
             # ceil_mode's partial windows average only what they cover; edge values stand in for the missing part.
             input = F.pad(input, self.ceil_extension, mode="replicate")
