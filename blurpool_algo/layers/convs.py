@@ -166,8 +166,8 @@ class BlurConv2d(_BlurringConv):
     def _conv_at_stride_one(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, self.weight, self.bias, 1, 0, self.dilation, self.groups)
-        return F.conv2d(x, self.weight, self.bias, 1, self.padding, self.dilation, self.groups)
+            return F.conv2d(x, self.weight, self.bias, [1, 1], [0, 0], self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, [1, 1], self.padding, self.dilation, self.groups)
 
     def forward(self, input: Tensor) -> Tensor:
         if self.filter_size == 1 and self.sampling == "fixed":
@@ -180,7 +180,7 @@ class BlurConv2d(_BlurringConv):
             blurred = blur_sample(
                 input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling, True
             )
-            return F.conv2d(blurred, self.weight, self.bias, 1, 0, 1, self.groups)
+            return F.conv2d(blurred, self.weight, self.bias, [1, 1], [0, 0], [1, 1], self.groups)
         if self.blur_first:
             blurred = blur_subsample(input, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode)
             if self.sampling == "fixed":

@@ -189,4 +189,4 @@ def conv_at_phase(
     pads = [padding[1], padding[1] + stride[1] - 1, padding[0], padding[0] + stride[0] - 1]
     padded = F.pad(x, pads) if padding_mode == "zeros" else pad_map(x, pads, padding_mode)
     cropped = _crop_at(_crop_at(padded, phase_h, lengths[0], 2), phase_w, lengths[1], 3)
-    return F.conv2d(cropped, weight, bias, stride, 0, dilation, groups)
+    return F.conv2d(cropped, weight, bias, stride, [0, 0], dilation, groups)
