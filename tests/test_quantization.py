@@ -1,21 +1,28 @@
-"""Quantization of blurred models: FX graph mode static quantization (``prepare_fx`` / ``convert_fx``).
+"""Quantization of blurred models: FX graph mode static quantization (``prepare_fx`` / ``convert_fx``, x86 default
+qconfig mapping) and PT2E (``export_for_training`` + ``prepare_pt2e`` / ``convert_pt2e`` with the
+``X86InductorQuantizer``).
 
 Reference: the float model itself. A quantized model must run, hold quantized convs (the control that quantization
-happened at all), and stay close to its float model.
+happened at all), and stay close to its float model. Whole models face a second control: the un-blurred model with the
+same weights must be far outside the tolerance, so that a quantized model that lost its blur would fail.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
+import torch.ao.quantization.quantizer.x86_inductor_quantizer as x86_inductor
 from torch import nn
-from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization import QConfigMapping, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from blurpool_algo import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d
+from blurpool_algo import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, apply_blurpool, models
 
 
 def _calibration(seed: int = 0) -> torch.Tensor:
@@ -43,13 +50,53 @@ LAYERS = {
 }
 
 
+def fx_qconfig_mapping(model: nn.Module) -> QConfigMapping:
+    """x86's default mapping, with the circularly padded ``nn.Conv2d`` left in float: torch's quantized conv module
+    refuses ``padding_mode='circular'`` (``circular_padding=True`` gives every padded conv that mode). The blur
+    layers pad in their own forward and quantize either way."""
+    mapping = get_default_qconfig_mapping("x86")
+    for name, module in model.named_modules():
+        if type(module) is nn.Conv2d and module.padding_mode == "circular":
+            mapping.set_module_name(name, None)
+    return mapping
+
+
 def fx_quantize(model: nn.Module, example: torch.Tensor) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices for the FX flow
-        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (example,))
+        prepared = prepare_fx(copy.deepcopy(model), fx_qconfig_mapping(model), (example,))
         with torch.no_grad():
             prepared(example)
         return convert_fx(prepared)
+
+
+def pt2e_quantize(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    quantizer = x86_inductor.X86InductorQuantizer()
+    quantizer.set_global(x86_inductor.get_default_x86_inductor_quantization_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export_for_training(model, (example,)).module()
+        prepared = prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            prepared(example)
+        return convert_pt2e(prepared)
+
+
+_FX_FUNCTIONAL_CONVS = (torch.ops.quantized.conv2d, torch.ops.quantized.conv2d_relu)
+
+
+def fx_quantized_convs(model: nn.Module) -> int:
+    """Quantized conv modules (``ConvReLU2d`` included) and quantized functional convs (``F.conv2d`` in a layer's
+    forward) of an FX-converted model."""
+    modules = sum(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in model.modules())
+    return modules + sum(node.target in _FX_FUNCTIONAL_CONVS for node in model.graph.nodes)
+
+
+def pt2e_convs(model: nn.Module) -> tuple[int, int]:
+    """(convs, convs whose weight is dequantized from int8) of a PT2E-converted model."""
+    convs = [node for node in model.graph.nodes if node.target == torch.ops.aten.conv2d.default]
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    return len(convs), sum(node.args[1].target == dequantize for node in convs)
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
@@ -62,3 +109,139 @@ def test_fx_static_quantization_runs_and_stays_close(kind: str) -> None:
         expected, got = model(x), quantized(x)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
+
+
+# --------------------------------------------------------------------------------------------------- whole models
+
+#: Side of the images: ResNets subsample by 32, so the last stage sees 1x1 maps and every blur pads a tiny map.
+SIDE = 32
+#: Largest relative L2 error of a quantized model's logits against its float model's. With fixed sampling it measures
+#: 0.01 to 0.06 here (8-bit weights, 7-bit activations under x86's reduce_range, random weights).
+TOLERANCE = 0.1
+#: Adaptive sampling keeps each map's largest-energy phase: quantization noise flips near-ties, and a flipped phase
+#: moves that whole map by a pixel, so the error is larger (0.03 to 0.18 measured).
+ADAPTIVE_TOLERANCE = 0.3
+#: Surgery options of the paper's placement, for the paper models' un-blurred twins below.
+PAPER_OPTIONS = {"placement": "after_activation", "filter_size": 4, "pad_mode": "reflect", "replace_avgpools": True}
+
+
+def _images(seed: int) -> torch.Tensor:
+    return torch.randn(8, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
+
+
+@functools.cache
+def _plain(arch: str) -> nn.Module:
+    """A seeded, un-blurred model with 10 classes, BatchNorm statistics from one batch so that activations are O(1)
+    (random-init statistics blow them up layer after layer). Never mutated: callers copy it."""
+    torch.manual_seed(0)
+    model = models.build_model(arch, num_classes=10)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(_images(100))
+    return model.eval()
+
+
+def _surgery(arch: str, **options) -> Callable[[], tuple[nn.Module, nn.Module]]:
+    def build() -> tuple[nn.Module, nn.Module]:
+        blurred = copy.deepcopy(_plain(arch))
+        apply_blurpool(blurred, **options)
+        return blurred.eval(), _plain(arch)
+
+    return build
+
+
+def _paper(name: str) -> Callable[[], tuple[nn.Module, nn.Module]]:
+    def build() -> tuple[nn.Module, nn.Module]:
+        # The paper's builder, loaded with the plain model's weights (the blur filters follow from filter_size).
+        return getattr(models, name)(num_classes=10, weights=_plain(name).state_dict()).eval(), _plain(name)
+
+    return build
+
+
+#: (blurred model, its un-blurred twin with the same weights): resnet10 (the quickstart's ResNet: a strided stem conv,
+#: a max-pool, strided 3x3 and 1x1 convs) in the conv placement, and the paper's ResNet-18.
+WHOLE_MODELS: dict[str, Callable[[], tuple[nn.Module, nn.Module]]] = {
+    "conv_blur_first": _surgery("resnet10", blur_first=True),
+    "conv_blur_after": _surgery("resnet10", blur_first=False, filter_size=4, pad_mode="reflect"),
+    "conv_adaptive": _surgery("resnet10", sampling="adaptive"),
+    "conv_adaptive_circular": _surgery("resnet10", sampling="adaptive", circular_padding=True, min_channels=0),
+    "paper_resnet18": _paper("resnet18"),
+}
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).norm() / expected.norm())
+
+
+def assert_close_to_float(kind: str, quantized: nn.Module, model: nn.Module, plain: nn.Module) -> None:
+    tolerance = ADAPTIVE_TOLERANCE if "adaptive" in kind else TOLERANCE
+    x = _images(1)
+    with torch.no_grad():
+        expected, got, unblurred = model(x), quantized(x), plain(x)
+    assert got.shape == expected.shape
+    error = relative_error(got, expected)
+    assert error <= tolerance, f"quantized {kind}: relative error {error:.3f} > {tolerance}"
+    # The control: the un-blurred twin is far outside the tolerance, so losing the blur would fail the check above.
+    assert relative_error(unblurred, expected) > 2 * tolerance
+
+
+#: Quantized convs after FX, counted by hand. resnet10 has 12 convs (the stem, two 3x3 per stage, three 1x1
+#: shortcuts), ResNet-18 20; the blurs stay in float (``blur_subsample`` is one FX leaf). Adaptive sampling's strided
+#: 3x3 convs run inside ``conv_at_phase``, another leaf, so those 3 stay float; circular padding also leaves the 6
+#: circularly padded ``nn.Conv2d`` in float (:func:`fx_qconfig_mapping`), so only the 3 shortcuts are quantized.
+FX_QUANTIZED_CONVS = {
+    "conv_blur_first": 12, "conv_blur_after": 12, "conv_adaptive": 9, "conv_adaptive_circular": 3,
+    "paper_resnet18": 20,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(WHOLE_MODELS))
+def test_fx_quantizes_whole_blurred_models(kind: str) -> None:
+    model, plain = WHOLE_MODELS[kind]()
+    quantized = fx_quantize(model, _images(0))
+    assert fx_quantized_convs(quantized) == FX_QUANTIZED_CONVS[kind]
+    assert_close_to_float(kind, quantized, model, plain)
+
+
+#: Convs after PT2E, all with int8 weights, the blurs' depthwise convs included. resnet10's 12 convs plus 7 blurs in
+#: the conv placement (the max-pool's, three strided 3x3 convs', three shortcuts'; the 3-channel stem is left alone
+#: under min_channels=16) and one more for the stem with min_channels=0; ResNet-18's 20 plus 7 (the max-pool, three
+#: BlurInputConv2d, three shortcuts).
+PT2E_CONVS = {"conv_blur_first": 19, "conv_adaptive_circular": 20, "paper_resnet18": 27}
+
+
+@pytest.mark.parametrize("kind", list(PT2E_CONVS))
+def test_pt2e_quantizes_whole_blurred_models(kind: str) -> None:
+    """The conv placement (circular padding, which FX's quantized convs refuse, is padding ops after the export) and
+    the paper's ResNet-18. ``blur_first=False`` has its own test below."""
+    model, plain = WHOLE_MODELS[kind]()
+    quantized = pt2e_quantize(model, _images(0))
+    assert pt2e_convs(quantized) == (PT2E_CONVS[kind], PT2E_CONVS[kind])
+    assert_close_to_float(kind, quantized, model, plain)
+
+
+def test_pt2e_prepares_a_batchnorm_after_a_blurred_conv() -> None:
+    """``blur_first=False`` in the conv placement puts a BatchNorm right after the blur's depthwise conv, whose weight
+    is the filter buffer. ``prepare_pt2e`` folds every BatchNorm that follows a conv into it, assuming the weight is a
+    Parameter read straight from the module: torch 2.7 raises (an ``AssertionError``, or a ``KeyError`` registering
+    the fused filter over the buffer). The prepared model must run and compute the float model's function (observers
+    only watch). The full flow is not run: with a BatchNorm left in the graph, ``convert_pt2e`` spends 10-15 s
+    building its QAT folding patterns, whatever the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        BlurConv2d(8, 8, 3, stride=2, padding=1, bias=False, blur_first=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1),
+    ).eval()  # fmt: skip
+    quantizer = x86_inductor.X86InductorQuantizer()
+    quantizer.set_global(x86_inductor.get_default_x86_inductor_quantization_config())
+    x = _calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_pt2e(torch.export.export_for_training(model, (x,)).module(), quantizer)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x))
