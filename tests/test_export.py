@@ -1,4 +1,5 @@
-"""Model-level export of blurred torchvision ResNets: torch.compile (no graph breaks), TorchScript, torch.fx, ONNX.
+"""Model-level export of blurred torchvision ResNets: torch.compile (no graph breaks), TorchScript, torch.fx, ONNX,
+torch.export with a dynamic batch.
 
 References: the eager blurred model itself, and Composer's built-in BlurPool, which does break the graph (so the
 graph-break test is shown to detect breaks).
@@ -22,7 +23,7 @@ import torch.fx
 import torchvision
 from torch import nn
 
-from blurpool_algo import apply_blurpool
+from blurpool_algo import apply_blurpool, models
 
 #: (architecture, surgery options): defaults, the paper's placement/filter/padding, and every pad mode.
 COMBOS = [
@@ -180,3 +181,32 @@ def test_onnx_dynamic_axes(arch: str, options: dict) -> None:
             expected = model(x).numpy()
         assert logits.shape == expected.shape
         np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- torch.export
+
+
+def _paper_resnet18() -> nn.Module:
+    """The paper's ResNet-18 (``blurpool_algo.models``) with the baseline's weights."""
+    return models.resnet18(weights=_baseline("resnet18").state_dict()).eval()
+
+
+#: The conv placement (every blur layer kind of it: the stem blurred too) and the paper's placement.
+EXPORTED = {
+    COMBO_IDS[3]: lambda: blurred(*COMBOS[3])[0],
+    "resnet18-paper": _paper_resnet18,
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPORTED))
+def test_torch_export_with_a_dynamic_batch_matches_eager(kind: str) -> None:
+    model = EXPORTED[kind]()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (make_input(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+    (image,) = [node for node in program.graph.nodes if node.op == "placeholder" and node.name == "x"]
+    assert isinstance(image.meta["val"].shape[0], torch.SymInt), "the batch dim was specialised"
+    exported = program.module()
+    for size in (1, 5):  # neither is the example's batch
+        x = make_input(size, 3, 64, 64, seed=size)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), model(x))
