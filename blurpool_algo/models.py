@@ -7,6 +7,10 @@ then its BatchNorm and activation, then a blur subsamples; shortcut 1x1 convs bl
 take their max at stride 1, then blur-subsample; DenseNet's average pools become the blur. Parameters keep
 torchvision's names and shapes, so torchvision checkpoints load with a plain, strict ``load_state_dict``.
 
+``structure='antialiased_cnns'`` builds, still with torchvision's parameter names, the networks the paper's own package
+released (its ResNet stem pool, AlexNet stem and MobileNetV2 classifier), and :func:`from_antialiased_cnns` loads that
+package's weight files into them (the key conversion is :mod:`blurpool_algo.paper_weights`).
+
 Nothing here downloads weights: a model starts from random initialisation, or from a local file or state dict.
 """
 
@@ -25,8 +29,10 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from blurpool_algo.checkpoint_files import CheckpointError, load_checkpoint_file
-from blurpool_algo.checks import check_bool, check_choice, fail
-from blurpool_algo.layers import FILTER_BUFFER
+from blurpool_algo.checks import check_bool, check_choice, check_int, fail
+from blurpool_algo.filters import validate_filter_size
+from blurpool_algo.layers import FILTER_BUFFER, BlurPool2d, conv_copy
+from blurpool_algo.paper_weights import convert_paper_state_dict, released_state_dict
 from blurpool_algo.surgery import apply_blurpool
 
 #: The paper's anti-aliased architectures (Zhang 2019, Table 1 and the released models): torchvision names.
@@ -41,9 +47,11 @@ PAPER_MODELS: tuple[str, ...] = (
 
 __all__ = [
     "PAPER_MODELS",
+    "STRUCTURES",
     "antialiased_model",
     "build_model",
     "copy_params_buffers",
+    "from_antialiased_cnns",
     "load_weights",
     "model_names",
     "resnet10",
@@ -104,19 +112,23 @@ Weights = str | os.PathLike | Mapping[str, torch.Tensor]
 _WEIGHTS_OPT_IN = "if you trust the file, pass torch.load(path, weights_only=False) as weights instead of the path"
 
 
-def _state_dict_from(weights: Weights) -> Mapping[str, torch.Tensor]:
+def _read_weights(weights: Weights) -> Any:
+    """``weights`` itself when it is a mapping; else what the file at that path holds, through the checkpoint gate."""
     if isinstance(weights, Mapping):
-        state = weights
-    elif isinstance(weights, str | os.PathLike):
-        if not os.path.isfile(weights):
-            raise ValueError(f"weights: {os.fspath(weights)!r} is not a file (a path to a state dict, or the dict)")
-        # The checkpoint gate: torch's safe unpickler with the allowlist a full Composer checkpoint needs.
-        try:
-            state = load_checkpoint_file(weights, opt_in=_WEIGHTS_OPT_IN)
-        except CheckpointError as error:
-            raise ValueError(f"weights: {error}") from None
-    else:
+        return weights
+    if not isinstance(weights, str | os.PathLike):
         raise fail("weights", "a file path or a state dict", type(weights).__name__)
+    if not os.path.isfile(weights):
+        raise ValueError(f"weights: {os.fspath(weights)!r} is not a file (a path to a state dict, or the dict)")
+    # The checkpoint gate: torch's safe unpickler with the allowlist a full Composer checkpoint needs.
+    try:
+        return load_checkpoint_file(weights, opt_in=_WEIGHTS_OPT_IN)
+    except CheckpointError as error:
+        raise ValueError(f"weights: {error}") from None
+
+
+def _state_dict_from(weights: Weights) -> Mapping[str, torch.Tensor]:
+    state = _read_weights(weights)
     if isinstance(state, Mapping) and isinstance(state.get("state"), Mapping) and "model" in state["state"]:
         # A Composer checkpoint: the network's keys sit under state.model with the ComposerModel's "module." prefix.
         state = {k.removeprefix("module."): v for k, v in state["state"]["model"].items()}
@@ -169,6 +181,30 @@ def copy_params_buffers(source: nn.Module, target: nn.Module) -> nn.Module:
     return target
 
 
+#: The builders' ``structure`` choices: torchvision's network with the paper's placement, or the exact networks the
+#: paper's package (``antialiased-cnns``) released.
+STRUCTURES: tuple[str, ...] = ("torchvision", "antialiased_cnns")
+
+
+def _released_structure_before_surgery(model: nn.Module) -> None:
+    """The paper's released networks where they differ from torchvision's before any blur is placed: the ResNets
+    pool their stem with an unpadded 2x2 max (which the surgery then takes at stride 1 before the blur, as the paper
+    does), and MobileNetV2's classifier has no dropout (an ``nn.Identity`` keeps torchvision's ``classifier.1``)."""
+    if isinstance(model, torchvision.models.ResNet):
+        model.maxpool = nn.MaxPool2d(kernel_size=2, stride=2)
+    elif isinstance(model, torchvision.models.MobileNetV2):
+        model.classifier[0] = nn.Identity()
+
+
+def _released_alexnet_stem(model: torchvision.models.AlexNet, filter_size: int, pad_mode: str) -> None:
+    """The released AlexNet's stem: the 11x11 conv at stride 2 (not 4), its ReLU, then a blur subsampling by 2 (in
+    the ReLU's slot, so that no parameter moves)."""
+    conv = model.features[0]
+    model.features[0] = conv_copy(conv, stride=2)
+    blur = BlurPool2d(conv.out_channels, 2, filter_size, pad_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    model.features[1] = nn.Sequential(model.features[1], blur.train(conv.training))
+
+
 def antialiased_model(
     name: str,
     *,
@@ -177,6 +213,7 @@ def antialiased_model(
     num_classes: int = 1000,
     weights: Weights | None = None,
     strided_stem: bool = True,
+    structure: str = "torchvision",
 ) -> nn.Module:
     """Builds one of the paper's anti-aliased models (:data:`PAPER_MODELS`) from torchvision's.
 
@@ -186,8 +223,14 @@ def antialiased_model(
         pad_mode: the blur's padding (the paper's: ``'reflect'``; tiny maps fall back to replicate, never crash).
         num_classes: size of the classifier's output.
         weights: a state dict, or the path of a file holding one (torchvision's, a baseline's, a Composer
-            checkpoint's), loaded strictly after the transformation. Nothing is downloaded.
+            checkpoint's), loaded strictly after the transformation. Nothing is downloaded. For the paper's own
+            released files, see :func:`from_antialiased_cnns`.
         strided_stem: keep the first conv strided, as the paper does to save compute; False blurs it too.
+        structure: ``'torchvision'``: torchvision's network with the paper's placement. ``'antialiased_cnns'``: the
+            networks the paper's package released, computed exactly: the ResNets' stem takes an unpadded 2x2 max at
+            stride 1 before its blur (not torchvision's padded 3x3), AlexNet's 11x11 stem conv runs at stride 2, then
+            its ReLU and a blur subsampling by 2 (with ``strided_stem=True``; False is as for ``'torchvision'``), and
+            MobileNetV2's classifier has no dropout. Parameter names and shapes are torchvision's either way.
 
     Raises:
         ValueError: for a name outside :data:`PAPER_MODELS`, a bad option, or weights that do not fit.
@@ -195,13 +238,69 @@ def antialiased_model(
     close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5) if isinstance(name, str) else []
     check_choice("name", name, PAPER_MODELS, hint=f"did you mean {', '.join(close)}?" if close else "")
     check_bool("strided_stem", strided_stem)
+    released = check_choice("structure", structure, STRUCTURES) == "antialiased_cnns"
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if released:
+        _released_structure_before_surgery(model)
     apply_blurpool(
         model, placement="after_activation", filter_size=filter_size, pad_mode=pad_mode, replace_avgpools=True,
         min_channels=16 if strided_stem else 0,
     )  # fmt: skip
+    if released and strided_stem and isinstance(model, torchvision.models.AlexNet):
+        _released_alexnet_stem(model, filter_size, pad_mode)
     if weights is not None:
         load_weights(model, weights)
+    return model
+
+
+def from_antialiased_cnns(
+    name: str, weights: Weights, *, filter_size: int = 4, num_classes: int = 1000, copy: bool = True
+) -> nn.Module:
+    """The paper's released network ``name`` with the weights of its package (``antialiased-cnns``), computing what
+    the paper's model computes with them, with torchvision's parameter names (``structure='antialiased_cnns'``).
+
+    Args:
+        name: one of :data:`PAPER_MODELS`, as the paper's package names it.
+        weights: the paper's state dict, the dict its released files hold (``{'state_dict': ...}``; keys prefixed
+            with ``'module.'`` too), or the path of such a file (read through the checkpoint gate: tensors and plain
+            values only).
+        filter_size: the filter size the weights were trained with (the ``lpf`` number of the file name, 2 to 5).
+        num_classes: size of the classifier's output.
+        copy: copy the tensors of a mapping, so that the model shares none with the caller (the default). False
+            makes them the model's own, as ``load_state_dict(assign=True)`` does: no second copy in memory (a VGG's
+            weights are over 500 MB), and the caller's tensors then change when the model trains. A path's tensors
+            are never copied (nobody else holds them).
+
+    Returns:
+        The model, on the device of the weights, in training mode like every builder (``.eval()`` for inference).
+        It is built on the meta device and takes the tensors without a random initialisation first.
+
+    Raises:
+        ValueError: for a bad option or unreadable weights, and one error naming, as the paper's file names them,
+            every missing, unexpected or mis-shaped key and every filter of another size than ``filter_size``.
+
+    Example:
+        >>> paper_state = {"fc.weight": torch.zeros(1000, 512)}  # a truncated file, say
+        >>> from_antialiased_cnns("resnet18", paper_state)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: weights do not fit the paper's resnet18 (filter_size=4): missing [conv1.weight, bn1.weight, ...
+    """
+    close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5) if isinstance(name, str) else []
+    check_choice("name", name, PAPER_MODELS, hint=f"did you mean {', '.join(close)}?" if close else "")
+    validate_filter_size(filter_size)
+    check_int("num_classes", num_classes, minimum=1)
+    check_bool("copy", copy)
+    state = released_state_dict(_read_weights(weights))
+    with torch.device("meta"):  # the structure only: the weights' own tensors become the parameters
+        model = antialiased_model(name, filter_size=filter_size, num_classes=num_classes, structure="antialiased_cnns")
+    converted = convert_paper_state_dict(
+        name, model, state, filter_size=filter_size, clone=copy and isinstance(weights, Mapping)
+    )
+    model.load_state_dict(converted, strict=True, assign=True)
+    left = [key for key, tensor in model.state_dict().items() if tensor.is_meta]
+    if left:  # every tensor was checked above: this would be a bug here, never the caller's
+        raise RuntimeError(f"from_antialiased_cnns left tensors on the meta device: {left[:5]}")
     return model
 
 
