@@ -210,3 +210,17 @@ def test_torch_export_with_a_dynamic_batch_matches_eager(kind: str) -> None:
         x = make_input(size, 3, 64, 64, seed=size)
         with torch.no_grad():
             torch.testing.assert_close(exported(x), model(x))
+
+
+def test_torch_export_of_a_circular_pool_leaves_the_batch_unbounded() -> None:
+    """``circular_padding`` makes the max-pool pad circularly and cut its output to the plain pool's size. A cut that
+    slices every axis (``out[:, :, :h, :w]``) makes torch guard the batch against int64's largest value, which an
+    unbounded ``torch.export.Dim`` refuses; only the spatial axes may be cut."""
+    model = nn.Sequential(nn.MaxPool2d(3, 2, 1))
+    apply_blurpool(model, sampling="adaptive", circular_padding=True)
+    pool = model[0]
+    assert pool.padding_mode == "circular"
+    program = torch.export.export(pool, (make_input(4, 8, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    for size in (1, 3):
+        x = make_input(size, 8, 16, 16, seed=size)
+        torch.testing.assert_close(program.module()(x), pool(x))
