@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import json
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +27,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from blurpool_algo import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, apply_blurpool, models
+from blurpool_algo.recipe import recipe_parts
 
 
 def _calibration(seed: int = 0) -> torch.Tensor:
@@ -245,3 +250,68 @@ def test_pt2e_prepares_a_batchnorm_after_a_blurred_conv() -> None:
         prepared = prepare_pt2e(torch.export.export_for_training(model, (x,)).module(), quantizer)
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), model(x))
+
+
+# -------------------------------------------------------------------------------- benchmarks/quantization.py
+
+
+@functools.cache
+def _benchmark():
+    """benchmarks/quantization.py as a module (the benchmarks are scripts beside each other, not a package)."""
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("quantization")
+    finally:
+        sys.path.remove(folder)
+
+
+#: The quickstart recipes on 16 px synthetic images: the benchmark's plumbing without its data or training.
+TINY_DATA = ["data.name=synthetic", "data.synthetic_samples=16", "data.image_size=16", "train_batch_size=8",
+             "eval_batch_size=16", "callbacks.shift_consistency_monitor.crop_size=8"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--arms", "conv,bogus", "--train"], "--arms"),
+        (["--flows", "fx,onnx", "--train"], "--flows"),
+        (["--arms", "conv"], "--checkpoint"),  # no weights and no --train
+        (["--arms", "conv", "--checkpoint", "paper=x.pt"], "--checkpoint"),
+        (["--arms", "conv", "--checkpoint", "conv=/no/such/file.pt"], "--checkpoint"),
+        (["--train", "--calibration-images", "0"], "--calibration-images"),
+        (["--train", "max_duration"], "overrides"),
+        (["--train", "model.nme=resnet10"], "model.nme"),
+    ],
+)
+def test_benchmark_refuses_bad_flags_in_one_line(flags: list[str], named: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark().parse_settings(flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("quantization.py: error: ") or error.startswith(f"{Path(sys.argv[0]).name}: error: ")
+    assert named in error
+
+
+def test_benchmark_measures_a_checkpoint(tmp_path: Path) -> None:
+    """The float top-1 is the checkpoint's, computed here independently; the FX model's is reported beside it."""
+    benchmark = _benchmark()
+    recipe = benchmark.arm_recipe("conv", TINY_DATA)
+    torch.manual_seed(1)
+    network = models.build_model("resnet10", num_classes=10)
+    apply_blurpool(network, blur_first=True, min_channels=16, filter_size=3, pad_mode="zeros")  # the recipe's
+    torch.save(network.state_dict(), tmp_path / "conv.pt")
+    out = tmp_path / "quantization.json"
+    argv = ["--arms", "conv", "--flows", "fx", "--checkpoint", f"conv={tmp_path / 'conv.pt'}",
+            "--calibration-images", "8", "--json", str(out), *TINY_DATA]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    result = json.loads(out.read_text())["results"]["conv"]
+    _, evaluation = recipe_parts(recipe).dataset.datasets(recipe_parts(recipe).data_options, eval_batch_size=16)
+    images, labels = next(iter(torch.utils.data.DataLoader(evaluation, batch_size=len(evaluation))))
+    with torch.no_grad():
+        expected = 100.0 * float((network.eval()(images).argmax(1) == labels).float().mean())
+    assert result["float"]["top1"] == pytest.approx(expected)
+    assert result["evaluation_images"] == len(evaluation)
+    assert result["fx"]["quantized_convs"] == FX_QUANTIZED_CONVS["conv_blur_first"]
+    assert 0 <= result["fx"]["agreement"] <= 100
+    assert result["fx"]["top1_change"] == pytest.approx(result["fx"]["top1"] - expected)
