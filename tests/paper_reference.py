@@ -160,13 +160,20 @@ def paper_structure(name: str, filter_size: int = 4, num_classes: int = 1000) ->
 POOL_SIZE = 1_000_003
 
 
+#: Linear weights this large (VGG's and AlexNet's classifiers: 103 million numbers in VGG's first) may be shared.
+SHARED_SIZE = 4_000_000
+
+
 @torch.no_grad()
-def fill_(model: nn.Module, seed: int) -> nn.Module:
+def fill_(model: nn.Module, seed: int, shared: dict[tuple[int, ...], nn.Parameter] | None = None) -> nn.Module:
     """Fills every parameter and buffer of ``model`` with seeded values, cheaply: slices of one pool of uniform values
     in [-1, 1], consecutive tensors at consecutive offsets (so no two hold the same values), each scaled to its role:
     conv and linear weights by ``sqrt(6 / fan_in)`` (activations keep their scale through ReLUs), biases by 0.1,
     BatchNorm weights in [0.5, 1.5], biases and running means in [-0.2, 0.2], running variances in [0.5, 1.5]. The
-    blurs get their filters back (see :func:`set_filter_size`)."""
+    blurs get their filters back (see :func:`set_filter_size`).
+
+    ``shared``: a Linear weight of :data:`SHARED_SIZE` numbers or more takes the Parameter of its shape held there (a
+    classifier an earlier network filled), or, filled, goes there: the VGGs' classifiers are the same shapes."""
     pool = torch.empty(POOL_SIZE).uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(seed))
     offset = 0
     for module in model.modules():
@@ -174,6 +181,13 @@ def fill_(model: nn.Module, seed: int) -> nn.Module:
         if isinstance(module, nn.Conv2d | nn.Linear):
             bound = math.sqrt(6.0 / (module.weight[0].numel()))
             ranges = {"weight": (-bound, bound), "bias": (-0.1, 0.1)}
+            shape = tuple(module.weight.shape)
+            if shared is not None and isinstance(module, nn.Linear) and module.weight.numel() >= SHARED_SIZE:
+                if shape in shared:
+                    module.weight = shared[shape]
+                    del ranges["weight"]
+                else:
+                    shared[shape] = module.weight
         elif isinstance(module, nn.BatchNorm2d):
             ranges = {"weight": (0.5, 1.5), "bias": (-0.2, 0.2), "running_mean": (-0.2, 0.2), "running_var": (0.5, 1.5)}
             module.num_batches_tracked.zero_()
@@ -203,7 +217,13 @@ def set_filter_size(model: nn.Module, filter_size: int) -> nn.Module:
     return model
 
 
-def paper_network(name: str, filter_size: int, seed: int = 0, num_classes: int = 1000) -> nn.Module:
-    """The paper's network ``name`` on the CPU, filled by :func:`fill_`, in eval mode."""
+def paper_network(
+    name: str,
+    filter_size: int,
+    seed: int = 0,
+    num_classes: int = 1000,
+    shared: dict[tuple[int, ...], nn.Parameter] | None = None,
+) -> nn.Module:
+    """The paper's network ``name`` on the CPU, filled by :func:`fill_` (``shared``: see there), in eval mode."""
     model = paper_structure(name, filter_size, num_classes).to_empty(device="cpu")
-    return fill_(model, seed).eval()
+    return fill_(model, seed, shared).eval()
