@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -209,6 +210,28 @@ def test_the_released_structure_differs_where_the_description_says() -> None:
     assert isinstance(mobilenet.classifier[0], nn.Identity)
     # strided_stem=False is the torchvision structure's unstrided stem: the conv at stride 1, a stride-4 blur after.
     assert unstrided.features[0].stride == (1, 1) and unstrided.features[1][1].stride == [4, 4]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_the_unstrided_stem_is_the_packages_pool_only_false(name: str) -> None:
+    # The package's pool_only=False: the stem conv at stride 1, then a blur before the stem's max-pool.
+    paper = paper_network(name, filter_size=4, seed=1)
+    converted = models.from_antialiased_cnns(name, paper.state_dict(), copy=False).state_dict()
+    if name == "resnet18":
+        paper.conv1.stride = (1, 1)
+        paper.maxpool = nn.Sequential(RefBlur(64, 4), nn.MaxPool2d(kernel_size=2, stride=1), RefBlur(64, 4))
+    else:
+        paper.features.conv0.stride = (1, 1)
+        stem = list(paper.features.named_children())
+        stem.insert(3, ("ds0", RefBlur(64, 4)))  # conv0, norm0, relu0, ds0, max0, pool0, ...
+        paper.features = nn.Sequential(OrderedDict(stem))
+    with torch.device("meta"):
+        model = models.antialiased_model(name, structure="antialiased_cnns", strided_stem=False)
+    model = model.to_empty(device="cpu")  # the filters are computed on load: ours has one more than the weights
+    model.load_state_dict({k: v for k, v in converted.items() if not k.endswith(FILTER_BUFFER)}, strict=True)
+    x = images(name, 4)
+    with torch.no_grad():
+        assert_same_outputs(model.eval()(x), paper(x))
 
 
 def test_a_bad_structure_is_refused() -> None:
