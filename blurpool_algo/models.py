@@ -181,6 +181,11 @@ def copy_params_buffers(source: nn.Module, target: nn.Module) -> nn.Module:
     return target
 
 
+def _check_paper_name(name: Any) -> None:
+    close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5) if isinstance(name, str) else []
+    check_choice("name", name, PAPER_MODELS, hint=f"did you mean {', '.join(close)}?" if close else "")
+
+
 #: The builders' ``structure`` choices: torchvision's network with the paper's placement, or the exact networks the
 #: paper's package (``antialiased-cnns``) released.
 STRUCTURES: tuple[str, ...] = ("torchvision", "antialiased_cnns")
@@ -235,8 +240,7 @@ def antialiased_model(
     Raises:
         ValueError: for a name outside :data:`PAPER_MODELS`, a bad option, or weights that do not fit.
     """
-    close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5) if isinstance(name, str) else []
-    check_choice("name", name, PAPER_MODELS, hint=f"did you mean {', '.join(close)}?" if close else "")
+    _check_paper_name(name)
     check_bool("strided_stem", strided_stem)
     released = check_choice("structure", structure, STRUCTURES) == "antialiased_cnns"
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
@@ -286,8 +290,7 @@ def from_antialiased_cnns(
         ...
         ValueError: weights do not fit the paper's resnet18 (filter_size=4): missing [conv1.weight, bn1.weight, ...
     """
-    close = difflib.get_close_matches(name, PAPER_MODELS, n=3, cutoff=0.5) if isinstance(name, str) else []
-    check_choice("name", name, PAPER_MODELS, hint=f"did you mean {', '.join(close)}?" if close else "")
+    _check_paper_name(name)
     validate_filter_size(filter_size)
     check_int("num_classes", num_classes, minimum=1)
     check_bool("copy", copy)
