@@ -158,11 +158,11 @@ def predictions(model: nn.Module, dataset: Dataset, batch_size: int) -> tuple[to
 
 
 def fx_qconfig_mapping(model: nn.Module) -> QConfigMapping:
-    """x86's default mapping with circularly padded ``nn.Conv2d`` left in float (torch's quantized conv module refuses
-    ``padding_mode='circular'``; the blur layers pad in their forward and need nothing)."""
+    """x86's default mapping with circularly padded ``nn.Conv2d`` and ``nn.Conv1d`` left in float (torch's quantized
+    conv modules refuse ``padding_mode='circular'``; the blur layers pad in their forward and need nothing)."""
     mapping = get_default_qconfig_mapping("x86")
     for name, module in model.named_modules():
-        if type(module) is nn.Conv2d and module.padding_mode == "circular":
+        if type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "circular":
             mapping.set_module_name(name, None)
     return mapping
 

@@ -191,11 +191,17 @@ def _paper_resnet18() -> nn.Module:
     return models.resnet18(weights=_baseline("resnet18").state_dict()).eval()
 
 
-#: The conv placement (every blur layer kind of it: the stem blurred too) and the paper's placement.
-EXPORTED = {
-    COMBO_IDS[3]: lambda: blurred(*COMBOS[3])[0],
-    "resnet18-paper": _paper_resnet18,
-}
+def _conv_resnet10() -> nn.Module:
+    """The quickstart's resnet10 in the conv placement, the stem blurred too: every blur layer kind of the placement,
+    with half the ops of ResNet-18 to trace."""
+    torch.manual_seed(0)
+    model = models.build_model("resnet10", num_classes=10)
+    apply_blurpool(model, filter_size=4, min_channels=0)
+    return model.eval()
+
+
+#: The conv placement and the paper's.
+EXPORTED = {"resnet10-conv": _conv_resnet10, "resnet18-paper": _paper_resnet18}
 
 
 @pytest.mark.parametrize("kind", list(EXPORTED))
