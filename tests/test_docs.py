@@ -18,7 +18,7 @@ import pytest
 import torch
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-DOC_FILES = ("method_card.md", "api.md", "metrics.md", "models.md")
+DOC_FILES = ("method_card.md", "api.md", "metrics.md", "models.md", "deployment.md")
 RUNNABLE = "python"
 SHOWN_ONLY = frozenset({"bash", "text", "yaml"})
 OPENING_FENCE = re.compile(r"^```(\S*)\s*$")
