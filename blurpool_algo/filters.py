@@ -4,7 +4,8 @@ Pure functions over Python ints and torch tensors; nothing here holds state.
 
 A binomial filter of size ``k`` has taps ``C(k-1, i) / 2**(k-1)`` for ``i = 0..k-1``: size 1 is the identity, size 2
 the box ``[1, 1]/2``, size 3 the ``[1, 2, 1]/4`` filter Composer uses, size 4 ``[1, 3, 3, 1]/8`` the paper's default.
-The 2-D filter is the outer product of the 1-D taps with itself, which sums to one, so a constant map stays constant.
+The 2-D filter is the outer product of the 1-D taps with itself, which sums to one, so a constant map stays constant;
+1-D layers use the taps themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from blurpool_algo.checks import check_choice, check_int
 __all__ = [
     "MAX_FILTER_SIZE",
     "PAD_MODES",
+    "binomial_filter",
     "binomial_filter_2d",
     "binomial_taps",
     "blur_padding",
@@ -90,6 +92,20 @@ def binomial_filter_2d(filter_size: int, *, dtype: torch.dtype = torch.float32, 
     """
     taps = binomial_taps(filter_size, dtype=torch.float64, device=device)
     return torch.outer(taps, taps).to(dtype)
+
+
+def binomial_filter(
+    filter_size: int, dims: int = 2, *, dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
+    """The ``dims``-D binomial filter: :func:`binomial_taps` (1-D) or :func:`binomial_filter_2d` (2-D).
+
+    Example:
+        >>> binomial_filter(3, 1).tolist(), binomial_filter(2).tolist()
+        ([0.25, 0.5, 0.25], [[0.25, 0.25], [0.25, 0.25]])
+    """
+    if dims == 1:
+        return binomial_taps(filter_size, dtype=dtype, device=device)
+    return binomial_filter_2d(filter_size, dtype=dtype, device=device)
 
 
 def blur_padding(filter_size: int) -> tuple[int, int]:

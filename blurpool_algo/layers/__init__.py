@@ -16,25 +16,41 @@ Pure PyTorch (no Composer import), so the layers work in any model. Every layer 
 The modules: :mod:`~blurpool_algo.layers.blur` (the blur-subsample, its padding and filter buffer, ``BlurPool2d``),
 :mod:`~blurpool_algo.layers.convs` (``BlurConv2d``, ``BlurInputConv2d``), :mod:`~blurpool_algo.layers.pools`
 (``BlurMaxPool2d``, ``BlurAvgPool2d``), :mod:`~blurpool_algo.layers.sampling` (the padding the blur and the pools share,
-and adaptive polyphase sampling: ``choose_phase``, ``select_phase``, ``adaptive_subsample``, ``conv_at_phase``). Every
+and adaptive polyphase sampling: ``choose_phase``, ``select_phase``, ``adaptive_subsample``, ``conv_at_phase``),
+:mod:`~blurpool_algo.layers.oned` (the 1-D layers: ``BlurPool1d``, ``blur_pool1d``, ``BlurConv1d``,
+``BlurInputConv1d``, ``BlurMaxPool1d``, ``BlurAvgPool1d``, the 2-D layers' code on the 1-D torch layers). Every
 layer takes ``sampling='fixed'`` (the grid from the first sample) or ``'adaptive'`` (APS: each sample's polyphase
 component of largest l2 norm), with the same parameters, buffers and state-dict keys either way.
 """
 
 from blurpool_algo.layers.blur import FILTER_BUFFER, BlurPool2d, blur_pool2d
 from blurpool_algo.layers.convs import BlurConv2d, BlurInputConv2d, conv_copy
+from blurpool_algo.layers.oned import (
+    BlurAvgPool1d,
+    BlurConv1d,
+    BlurInputConv1d,
+    BlurMaxPool1d,
+    BlurPool1d,
+    blur_pool1d,
+)
 from blurpool_algo.layers.pools import BlurAvgPool2d, BlurMaxPool2d
 from blurpool_algo.layers.sampling import SAMPLINGS, adaptive_subsample, choose_phase, conv_at_phase, select_phase
 
 __all__ = [
     "FILTER_BUFFER",
     "SAMPLINGS",
+    "BlurAvgPool1d",
     "BlurAvgPool2d",
+    "BlurConv1d",
     "BlurConv2d",
+    "BlurInputConv1d",
     "BlurInputConv2d",
+    "BlurMaxPool1d",
     "BlurMaxPool2d",
+    "BlurPool1d",
     "BlurPool2d",
     "adaptive_subsample",
+    "blur_pool1d",
     "blur_pool2d",
     "choose_phase",
     "conv_at_phase",

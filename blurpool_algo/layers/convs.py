@@ -1,18 +1,21 @@
 """Convolutions whose subsampling is anti-aliased: :class:`BlurConv2d` (blur at the strided conv) and
 :class:`BlurInputConv2d` (a blur-subsample in front of a conv), and :func:`conv_copy`, which rebuilds a conv around the
 same Parameter objects.
+
+The layers' code lives in :class:`BlurConvNd` and :class:`BlurInputConvNd`, written for either dimension: the 2-D
+classes put them on ``nn.Conv2d``, the 1-D ones (:mod:`~blurpool_algo.layers.oned`) on ``nn.Conv1d``.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blurpool_algo.checks import check_bool
-from blurpool_algo.filters import binomial_filter_2d
+from blurpool_algo.filters import binomial_filter
 from blurpool_algo.layers.blur import (
     OptionalFilterOnLoad,
     blur_sample,
@@ -23,7 +26,7 @@ from blurpool_algo.layers.blur import (
 )
 from blurpool_algo.layers.sampling import choose_phase, conv_at_phase, select_phase
 
-__all__ = ["BlurConv2d", "BlurInputConv2d", "conv_copy"]
+__all__ = ["BlurConv2d", "BlurConvNd", "BlurInputConv2d", "BlurInputConvNd", "conv_copy"]
 
 # torch.fx.wrap keeps a function out of a symbolic trace by its name in the calling module's globals: this module
 # calls blur_subsample under its own name, so it is registered here too.
@@ -33,18 +36,19 @@ torch.fx.wrap("choose_phase")
 torch.fx.wrap("conv_at_phase")
 torch.fx.wrap("select_phase")
 
-_Conv = TypeVar("_Conv", bound=nn.Conv2d)
+_Conv = TypeVar("_Conv", bound=nn.modules.conv._ConvNd)
 
 
 def conv_copy(
-    conv: nn.Conv2d,
-    cls: type[_Conv] = nn.Conv2d,
+    conv: nn.Conv2d | nn.Conv1d,
+    cls: type[_Conv] | None = None,
     *,
     stride: Any = None,
     padding_mode: str | None = None,
     **options: Any,
 ) -> _Conv:
-    """A new ``cls`` with ``conv``'s hyperparameters and ``options``, holding ``conv``'s own Parameter objects.
+    """A new ``cls`` (by default the plain conv of ``conv``'s dimension) with ``conv``'s hyperparameters and
+    ``options``, holding ``conv``'s own Parameter objects.
 
     ``stride`` replaces the conv's stride when given (the paper's placement runs a strided conv at stride 1), and
     ``padding_mode`` its padding mode (``circular_padding`` makes every conv pad circularly). The new
@@ -57,31 +61,35 @@ def conv_copy(
         >>> unstrided.stride, unstrided.weight is conv.weight
         ((1, 1), True)
     """
-    new = cls(
+    if cls is None:
+        cls = nn.Conv1d if isinstance(conv, nn.Conv1d) else nn.Conv2d  # type: ignore[assignment]
+    new = cls(  # type: ignore[misc]
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride if stride is None else stride, conv.padding,
         conv.dilation, conv.groups, conv.bias is not None, padding_mode or conv.padding_mode, device="meta", **options,
     )  # fmt: skip
     new.weight = conv.weight
     new.bias = conv.bias
     if isinstance(new, OptionalFilterOnLoad):
-        blur_filter = binomial_filter_2d(new.filter_size, dtype=conv.weight.dtype, device=conv.weight.device)
-        new.blur_filter = blur_filter.expand(new.blur_filter.shape[0], 1, -1, -1).contiguous()
+        blur_filter = binomial_filter(
+            new.filter_size, new.blur_dims, dtype=conv.weight.dtype, device=conv.weight.device
+        )
+        new.blur_filter = blur_filter.expand_as(new.blur_filter).contiguous()
     new.train(conv.training)
     return new
 
 
-class _BlurringConv(OptionalFilterOnLoad, nn.Conv2d):
-    """An ``nn.Conv2d`` with a blur: ``nn.Conv2d``'s arguments, then keyword-only ``filter_size``, ``pad_mode``,
-    ``sampling`` and the options the subclass's :meth:`_setup` takes."""
+class _BlurringConv(OptionalFilterOnLoad):
+    """A conv with a blur, put in front of ``nn.Conv2d`` or ``nn.Conv1d``: the conv's arguments, then keyword-only
+    ``filter_size``, ``pad_mode``, ``sampling`` and the options the subclass's :meth:`_setup` takes."""
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
@@ -93,7 +101,7 @@ class _BlurringConv(OptionalFilterOnLoad, nn.Conv2d):
         sampling: str = "fixed",
         **blur_options: Any,
     ) -> None:
-        check_stride(stride)
+        check_stride(stride, dims=self.blur_dims)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
@@ -105,7 +113,97 @@ class _BlurringConv(OptionalFilterOnLoad, nn.Conv2d):
         raise NotImplementedError
 
 
-class BlurConv2d(_BlurringConv):
+class BlurConvNd(_BlurringConv):
+    """The code of :class:`BlurConv2d` and :class:`~blurpool_algo.layers.oned.BlurConv1d` (see :class:`BlurConv2d`)."""
+
+    def _setup(self, *, blur_first: bool = True) -> int:  # type: ignore[override]
+        self.blur_first = check_bool("blur_first", blur_first)
+        self.blur_stride = [int(s) for s in self.stride]
+        dims = len(self.blur_stride)
+        padding = self.padding
+        # The conv's padding as ints (a strided conv's padding is never 'same'), for the conv at a chosen phase.
+        self.conv_padding = [0] * dims if isinstance(padding, str) else [int(p) for p in padding]
+        # An unpadded 1x1 conv ("pointwise") can take its input already blurred and subsampled: see forward.
+        self.pointwise = set(self.kernel_size) == {1} and not any(self.conv_padding)
+        # The conv at stride 1 (blur_first=False), as geometry lists; the conv's own padding where F.pad must do it
+        # (a padding_mode other than zeros, or 'same', which may pad one more sample after than before).
+        pads: list[int] = self._reversed_padding_repeated_twice
+        self.unit = [1] * dims
+        self.dense_dilation = [int(d) for d in self.dilation]
+        self.pad_first = (self.padding_mode != "zeros" or padding == "same") and max(pads) > 0
+        self.dense_padding = [0] * dims if self.pad_first else self.conv_padding
+        self.dense_pad_mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return self.in_channels if self.blur_first else self.out_channels
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d | nn.Conv1d,
+        *,
+        blur_first: bool = True,
+        filter_size: int = 3,
+        pad_mode: str = "zeros",
+        sampling: str = "fixed",
+        padding_mode: str | None = None,
+    ) -> Self:
+        """Builds an anti-aliased copy of ``conv`` that shares its ``weight`` and ``bias`` Parameter objects.
+
+        Hyperparameters (padding_mode included), training mode and requires_grad carry over; the filter buffer takes
+        the weight's dtype and device; ``padding_mode`` replaces the conv's when given.
+        """
+        return conv_copy(conv, cls, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode,
+                         sampling=sampling, padding_mode=padding_mode)  # type: ignore[type-var]  # fmt: skip
+
+    def _conv_at_stride_one(self, x: Tensor) -> Tensor:
+        if self.pad_first:
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.dense_pad_mode)
+        # Lists for stride, padding and dilation: FX static quantization's conv prepack wants them so.
+        if len(self.unit) == 1:
+            return F.conv1d(x, self.weight, self.bias, self.unit, self.dense_padding, self.dense_dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.unit, self.dense_padding, self.dense_dilation, self.groups)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.filter_size == 1 and self.sampling == "fixed":
+            return self._conv_forward(input, self.weight, self.bias)
+        if self.pointwise and (self.blur_first or self.bias is None or self.pad_mode != "zeros"):
+            # A pointwise conv reads only the samples its stride lands on, so blurring at its stride computes just
+            # those (a quarter of the blur at stride 2) and the conv runs at stride 1 on them. It also commutes with
+            # the blur (both linear; the blur treats every channel alike), so blur_first=False gets the same function
+            # without the stride**2 larger conv. A bias commutes too unless zero padding dims it near the border.
+            blurred = blur_sample(
+                input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling, True
+            )
+            return self._conv_at_stride_one(blurred)
+        if self.blur_first:
+            blurred = blur_subsample(input, self.blur_filter, self.unit, self.blur_pads, self.pad_mode)
+            if self.sampling == "fixed":
+                return self._conv_forward(blurred, self.weight, self.bias)
+            phase = choose_phase(blurred, self.blur_stride, self.pad_mode)
+            return conv_at_phase(
+                blurred, phase, self.weight, self.bias, self.blur_stride, self.conv_padding,
+                self.dense_dilation, self.groups, self.padding_mode,
+            )  # fmt: skip
+        dense = self._conv_at_stride_one(input)
+        if self.sampling == "fixed":
+            blurred = blur_subsample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
+            # A view of the blur's output: an exported graph then has no conv right before the BatchNorm that follows
+            # this layer in a conv -> BN run, which PT2E's prepare_pt2e would try to fold into the blur's filter (a
+            # buffer) and fail. Free in eager; compile and Inductor drop it.
+            return blurred.view_as(blurred)
+        # The phase of the blurred input, as a pointwise shortcut reading the same input chooses it (see BlurConv2d).
+        blurred_input = blur_subsample(input, self.blur_filter, self.unit, self.blur_pads, self.pad_mode, True)
+        phase = choose_phase(blurred_input, self.blur_stride, self.pad_mode)
+        dense = blur_subsample(dense, self.blur_filter, self.unit, self.blur_pads, self.pad_mode)
+        return select_phase(dense, phase, self.blur_stride, self.pad_mode)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, blur_first={self.blur_first}, filter_size={self.filter_size}, "
+            f"pad_mode={self.pad_mode!r}{sampling_repr(self.sampling)}"
+        )
+
+
+class BlurConv2d(BlurConvNd, nn.Conv2d):
     """A :class:`torch.nn.Conv2d` whose subsampling is anti-aliased.
 
     ``blur_first=True`` blurs the input at stride 1, then runs the strided conv (Composer's default, cheapest).
@@ -135,78 +233,41 @@ class BlurConv2d(_BlurringConv):
     Use :meth:`from_conv` to anti-alias an existing conv while keeping its parameters.
     """
 
-    def _setup(self, *, blur_first: bool = True) -> int:  # type: ignore[override]
-        self.blur_first = check_bool("blur_first", blur_first)
-        self.blur_stride = [int(s) for s in self.stride]
-        # An unpadded 1x1 conv ("pointwise") can take its input already blurred and subsampled: see forward.
-        self.pointwise = self.kernel_size == (1, 1) and self.padding in ((0, 0), "valid")
-        # The conv's padding as ints (a strided conv's padding is never 'same'), for the conv at a chosen phase.
-        self.conv_padding = [0, 0] if isinstance(self.padding, str) else [int(p) for p in self.padding]
-        return self.in_channels if self.blur_first else self.out_channels
+
+class BlurInputConvNd(_BlurringConv):
+    """The code of :class:`BlurInputConv2d` and :class:`~blurpool_algo.layers.oned.BlurInputConv1d`."""
+
+    def _setup(self, *, blur_stride: int | tuple[int, ...] = 2) -> int:  # type: ignore[override]
+        self.blur_stride = list(check_stride(blur_stride, "blur_stride", self.blur_dims))
+        return self.in_channels
 
     @classmethod
     def from_conv(
         cls,
-        conv: nn.Conv2d,
+        conv: nn.Conv2d | nn.Conv1d,
         *,
-        blur_first: bool = True,
+        blur_stride: int | tuple[int, ...] = 2,
         filter_size: int = 3,
         pad_mode: str = "zeros",
         sampling: str = "fixed",
         padding_mode: str | None = None,
-    ) -> BlurConv2d:
-        """Builds an anti-aliased copy of ``conv`` that shares its ``weight`` and ``bias`` Parameter objects.
-
-        Hyperparameters (padding_mode included), training mode and requires_grad carry over; the filter buffer takes
-        the weight's dtype and device; ``padding_mode`` replaces the conv's when given.
-        """
-        return conv_copy(conv, cls, blur_first=blur_first, filter_size=filter_size, pad_mode=pad_mode,
-                         sampling=sampling, padding_mode=padding_mode)  # fmt: skip
-
-    def _conv_at_stride_one(self, x: Tensor) -> Tensor:
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, self.weight, self.bias, [1, 1], [0, 0], self.dilation, self.groups)
-        return F.conv2d(x, self.weight, self.bias, [1, 1], self.padding, self.dilation, self.groups)
+    ) -> Self:
+        """Builds a copy of ``conv`` that blur-subsamples its input first, sharing ``conv``'s Parameter objects."""
+        return conv_copy(conv, cls, blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode,
+                         sampling=sampling, padding_mode=padding_mode)  # type: ignore[type-var]  # fmt: skip
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.filter_size == 1 and self.sampling == "fixed":
-            return self._conv_forward(input, self.weight, self.bias)
-        if self.pointwise and (self.blur_first or self.bias is None or self.pad_mode != "zeros"):
-            # A pointwise conv reads only the samples its stride lands on, so blurring at its stride computes just
-            # those (a quarter of the blur at stride 2) and the conv runs at stride 1 on them. It also commutes with
-            # the blur (both linear; the blur treats every channel alike), so blur_first=False gets the same function
-            # without the stride**2 larger conv. A bias commutes too unless zero padding dims it near the border.
-            blurred = blur_sample(
-                input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling, True
-            )
-            return F.conv2d(blurred, self.weight, self.bias, [1, 1], [0, 0], [1, 1], self.groups)
-        if self.blur_first:
-            blurred = blur_subsample(input, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode)
-            if self.sampling == "fixed":
-                return self._conv_forward(blurred, self.weight, self.bias)
-            phase = choose_phase(blurred, self.blur_stride, self.pad_mode)
-            return conv_at_phase(
-                blurred, phase, self.weight, self.bias, self.blur_stride, self.conv_padding,
-                [int(d) for d in self.dilation], self.groups, self.padding_mode,
-            )  # fmt: skip
-        dense = self._conv_at_stride_one(input)
-        if self.sampling == "fixed":
-            return blur_subsample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode)
-        # The phase of the blurred input, as a pointwise shortcut reading the same input chooses it (see the class).
-        blurred_input = blur_subsample(input, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode, True)
-        phase = choose_phase(blurred_input, self.blur_stride, self.pad_mode)
-        dense = blur_subsample(dense, self.blur_filter, [1, 1], self.blur_pads, self.pad_mode)
-        return select_phase(dense, phase, self.blur_stride, self.pad_mode)
+        blurred = blur_sample(input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling)
+        return self._conv_forward(blurred, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, blur_first={self.blur_first}, filter_size={self.filter_size}, "
+            f"{super().extra_repr()}, blur_stride={tuple(self.blur_stride)}, filter_size={self.filter_size}, "
             f"pad_mode={self.pad_mode!r}{sampling_repr(self.sampling)}"
         )
 
 
-class BlurInputConv2d(_BlurringConv):
+class BlurInputConv2d(BlurInputConvNd, nn.Conv2d):
     """A :class:`torch.nn.Conv2d` that first blurs and subsamples its input: a :class:`BlurPool2d` in front of the conv,
     as one module.
 
@@ -224,32 +285,3 @@ class BlurInputConv2d(_BlurringConv):
         sampling: ``'fixed'`` or ``'adaptive'`` (the blur at stride 1, then each sample's polyphase component of
             largest l2 norm: APS).
     """
-
-    def _setup(self, *, blur_stride: int | tuple[int, int] = 2) -> int:  # type: ignore[override]
-        self.blur_stride = list(check_stride(blur_stride, "blur_stride"))
-        return self.in_channels
-
-    @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Conv2d,
-        *,
-        blur_stride: int | tuple[int, int] = 2,
-        filter_size: int = 3,
-        pad_mode: str = "zeros",
-        sampling: str = "fixed",
-        padding_mode: str | None = None,
-    ) -> BlurInputConv2d:
-        """Builds a copy of ``conv`` that blur-subsamples its input first, sharing ``conv``'s Parameter objects."""
-        return conv_copy(conv, cls, blur_stride=blur_stride, filter_size=filter_size, pad_mode=pad_mode,
-                         sampling=sampling, padding_mode=padding_mode)  # fmt: skip
-
-    def forward(self, input: Tensor) -> Tensor:
-        blurred = blur_sample(input, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling)
-        return self._conv_forward(blurred, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, blur_stride={tuple(self.blur_stride)}, filter_size={self.filter_size}, "
-            f"pad_mode={self.pad_mode!r}{sampling_repr(self.sampling)}"
-        )

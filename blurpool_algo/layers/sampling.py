@@ -13,6 +13,9 @@ map keeps the fixed grid's phase. The choice is made with tensor operations only
 data-dependent Python control flow, so ``torch.compile`` sees no graph break and TorchScript and ONNX export work.
 Where a side is not a multiple of the stride, the map is first padded at its end up to one (with the blur's padding
 mode), so the output has ``ceil(size / stride)`` samples, as fixed sampling gives.
+
+A 1-D map ``(N, C, L)`` comes with a stride (padding, dilation) of one value: every function here then works on its
+``(N, C, 1, L)`` view (:func:`as_2d` gives the view's geometry) and returns a 1-D result, so 1-D layers share this code.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from blurpool_algo.checks import check_choice
 __all__ = [
     "SAMPLINGS",
     "adaptive_subsample",
+    "as_2d",
     "check_sampling",
     "choose_phase",
     "conv_at_phase",
@@ -50,7 +54,8 @@ def check_sampling(sampling: object, name: str = "sampling") -> str:
 
 
 def pad_map(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
-    """Pads ``x`` (``F.pad`` order), falling back to ``replicate`` where the map is too small for ``pad_mode``.
+    """Pads ``x`` (``F.pad`` order: two amounts per padded axis, the last axis first), falling back to ``replicate``
+    where the map is too small for ``pad_mode``.
 
     ``reflect`` padding needs the map to be larger than the pad and ``circular`` at least as large; ``replicate``
     works on any size and agrees with both on a 1-pixel map.
@@ -59,12 +64,12 @@ def pad_map(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
         return x
     if pad_mode == "zeros":
         return F.pad(x, pads)
-    height, width = x.shape[-2], x.shape[-1]
-    too_small = (
-        max(pads[0], pads[1]) >= width or max(pads[2], pads[3]) >= height
-        if pad_mode == "reflect"
-        else max(pads[0], pads[1]) > width or max(pads[2], pads[3]) > height
-    )
+    too_small = False
+    for axis in range(len(pads) // 2):
+        size = x.shape[-1 - axis]
+        reach = max(pads[2 * axis], pads[2 * axis + 1])
+        if (reach >= size) if pad_mode == "reflect" else (reach > size):
+            too_small = True
     padded = F.pad(x, pads, mode="replicate" if too_small else pad_mode)
     if x.is_contiguous(memory_format=torch.channels_last) and not padded.is_contiguous(
         memory_format=torch.channels_last
@@ -72,6 +77,22 @@ def pad_map(x: Tensor, pads: list[int], pad_mode: str) -> Tensor:
         # Circular padding on CPU returns a contiguous (NCHW) tensor; keep the caller's memory format.
         padded = padded.contiguous(memory_format=torch.channels_last)
     return padded
+
+
+def as_2d(values: list[int], fill: int) -> list[int]:
+    """A 1-D layer's geometry (one value: stride, padding, dilation) as the 2-D geometry of its ``(N, C, 1, L)`` view,
+    ``fill`` for the added axis; 2-D geometry as it is."""
+    return [fill, values[0]] if len(values) == 1 else values
+
+
+def _view_2d(x: Tensor, stride: list[int]) -> Tensor:
+    """A 1-D map ``(N, C, L)`` (its stride has one value) as ``(N, C, 1, L)``; a 2-D map as it is."""
+    return x.unsqueeze(2) if len(stride) == 1 else x
+
+
+def _unview(x: Tensor, stride: list[int]) -> Tensor:
+    """The inverse of :func:`_view_2d`."""
+    return x.squeeze(2) if len(stride) == 1 else x
 
 
 def _to_multiple(x: Tensor, stride: list[int], pad_mode: str) -> Tensor:
@@ -99,6 +120,8 @@ def choose_phase(x: Tensor, stride: list[int], pad_mode: str = "zeros") -> Tenso
         >>> choose_phase(x, [2, 2]).tolist()  # the second sample is all zeros: a tie, phase 0
         [2, 0]
     """
+    x = _view_2d(x, stride)
+    stride = as_2d(stride, 1)
     x = _to_multiple(x, stride, pad_mode)
     n, height, width = x.shape[0], x.shape[-2], x.shape[-1]
     # Energies in float64: the components of a smooth map with many channels can differ by 1e-8 of their energy, below
@@ -122,14 +145,15 @@ def select_phase(x: Tensor, phase: Tensor, stride: list[int], pad_mode: str = "z
         tensor([[[[ 5.,  7.],
                   [13., 15.]]]])
     """
-    x = _to_multiple(x, stride, pad_mode)
-    n, channels, height, width = x.shape
-    rows, cols = height // stride[0], width // stride[1]
+    view = _to_multiple(_view_2d(x, stride), as_2d(stride, 1), pad_mode)
+    steps = as_2d(stride, 1)
+    n, channels, height, width = view.shape
+    rows, cols = height // steps[0], width // steps[1]
     # (N, C, rows, s_h, cols, s_w) -> (N, C, rows, cols, s_h * s_w): the phase is the last axis, gathered per sample.
-    phases = x.reshape(n, channels, rows, stride[0], cols, stride[1]).permute(0, 1, 2, 4, 3, 5)
-    phases = phases.reshape(n, channels, rows, cols, stride[0] * stride[1])
+    phases = view.reshape(n, channels, rows, steps[0], cols, steps[1]).permute(0, 1, 2, 4, 3, 5)
+    phases = phases.reshape(n, channels, rows, cols, steps[0] * steps[1])
     index = phase.reshape(n, 1, 1, 1, 1).expand(n, channels, rows, cols, 1)
-    return phases.gather(4, index).squeeze(4)
+    return _unview(phases.gather(4, index).squeeze(4), stride)
 
 
 @torch.fx.wrap
@@ -175,6 +199,9 @@ def conv_at_phase(
     on (a gather), and convolved at the conv's stride. The output has the strided conv's shape; where the shifted grid
     runs past the padded input, it is padded further the same way.
     """
+    native_stride = stride
+    x, weight = _view_2d(x, stride), _view_2d(weight, stride)
+    stride, padding, dilation = as_2d(stride, 1), as_2d(padding, 0), as_2d(dilation, 1)
     phase_h = torch.div(phase, stride[1], rounding_mode="floor")
     phase_w = phase - phase_h * stride[1]
     kernel = [weight.shape[2], weight.shape[3]]
@@ -189,4 +216,4 @@ def conv_at_phase(
     pads = [padding[1], padding[1] + stride[1] - 1, padding[0], padding[0] + stride[0] - 1]
     padded = F.pad(x, pads) if padding_mode == "zeros" else pad_map(x, pads, padding_mode)
     cropped = _crop_at(_crop_at(padded, phase_h, lengths[0], 2), phase_w, lengths[1], 3)
-    return F.conv2d(cropped, weight, bias, stride, [0, 0], dilation, groups)
+    return _unview(F.conv2d(cropped, weight, bias, stride, [0, 0], dilation, groups), native_stride)
