@@ -2,7 +2,9 @@
 
 ``placement='conv'`` (Composer's): every ``nn.Conv2d``, ``nn.MaxPool2d`` and ``nn.AvgPool2d`` is a candidate, reported
 replaced or skipped: a strided conv becomes a :class:`~blurpool_algo.layers.BlurConv2d` (blur before or after the
-conv, as ``blur_first`` says), a strided pool a ``BlurMaxPool2d`` / ``BlurAvgPool2d``.
+conv, as ``blur_first`` says), a strided pool a ``BlurMaxPool2d`` / ``BlurAvgPool2d``. Their 1-D forms
+(``nn.Conv1d``, ``nn.MaxPool1d``, ``nn.AvgPool1d``) are candidates too, handled by the same rules: each layer class
+and what it becomes is data (:data:`ANTI_ALIASED`, :data:`NORMS`, :data:`BLURS`).
 
 ``placement='after_activation'`` (the paper's): a strided conv runs at stride 1, then its BatchNorm and activation,
 then a blur subsamples. :func:`conv_norm_activation_runs` finds that run in an ``nn.Sequential``; other networks add
@@ -22,7 +24,19 @@ from typing import Any
 
 from torch import nn
 
-from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, conv_copy
+from blurpool_algo.layers import (
+    BlurAvgPool1d,
+    BlurAvgPool2d,
+    BlurConv1d,
+    BlurConv2d,
+    BlurInputConv1d,
+    BlurInputConv2d,
+    BlurMaxPool1d,
+    BlurMaxPool2d,
+    BlurPool1d,
+    BlurPool2d,
+    conv_copy,
+)
 from blurpool_algo.rules import (
     Change,
     CircularReason,
@@ -40,9 +54,12 @@ from blurpool_algo.rules import (
 
 __all__ = [
     "ACTIVATIONS",
+    "ANTI_ALIASED",
+    "BLURS",
     "BLUR_LAYER_TYPES",
     "CIRCULAR_PADDING",
     "CONV_PLACEMENT",
+    "NORMS",
     "PAPER_PLACEMENT",
     "activation_runs",
     "blur_options",
@@ -51,11 +68,26 @@ __all__ = [
     "strided_only",
 ]
 
+#: Each ``torch.nn`` layer class the surgery anti-aliases, and the class it becomes (same Parameters, same keys).
+ANTI_ALIASED: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: BlurConv2d, nn.MaxPool2d: BlurMaxPool2d, nn.AvgPool2d: BlurAvgPool2d,
+    nn.Conv1d: BlurConv1d, nn.MaxPool1d: BlurMaxPool1d, nn.AvgPool1d: BlurAvgPool1d,
+}  # fmt: skip
+CONVS = (nn.Conv2d, nn.Conv1d)
+MAX_POOLS = (nn.MaxPool2d, nn.MaxPool1d)
+AVG_POOLS = (nn.AvgPool2d, nn.AvgPool1d)
+
+#: The paper's placement, by the conv's class: the BatchNorm that may follow it, and the blur after the activation.
+NORMS: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: nn.BatchNorm2d, nn.Conv1d: nn.BatchNorm1d}
+BLURS: dict[type[nn.Module], type[BlurPool2d | BlurPool1d]] = {nn.Conv2d: BlurPool2d, nn.Conv1d: BlurPool1d}
+
 #: The layer classes the surgery produces; a model holding them has been (partly) anti-aliased already.
-BLUR_LAYER_TYPES: tuple[type[nn.Module], ...] = (BlurConv2d, BlurMaxPool2d, BlurAvgPool2d, BlurInputConv2d, BlurPool2d)
+BLUR_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    *ANTI_ALIASED.values(), BlurInputConv2d, BlurInputConv1d, *BLURS.values(),
+)  # fmt: skip
 
 #: The layer kinds ``placement='conv'`` reports on, whatever their stride.
-CANDIDATES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+CANDIDATES: tuple[type[nn.Module], ...] = tuple(ANTI_ALIASED)
 
 #: Activations after which the paper's placement puts the blur.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -80,8 +112,8 @@ def pool_padding_mode(context: SurgeryContext) -> str:
 
 
 def is_strided_conv(module: nn.Module) -> bool:
-    """An ``nn.Conv2d`` itself (no subclass, whose forward may differ) that subsamples."""
-    return type(module) is nn.Conv2d and max(module.stride) > 1
+    """An ``nn.Conv2d`` or ``nn.Conv1d`` itself (no subclass, whose forward may differ) that subsamples."""
+    return type(module) in CONVS and max(module.stride) > 1
 
 
 def strided_only(rule: Rule) -> Rule:
@@ -116,44 +148,45 @@ def subclass_of_a_candidate(site: Site, context: SurgeryContext) -> Outcome:
 
 
 def blur_at_the_conv(site: Site, context: SurgeryContext) -> Outcome:
-    """A conv -> :class:`BlurConv2d`, the blur before or after it as ``blur_first`` says."""
+    """A conv -> :class:`BlurConv2d` (``BlurConv1d``), the blur before or after it as ``blur_first`` says."""
     conv = site.module
-    if type(conv) is not nn.Conv2d:
+    if type(conv) not in CONVS:
         return None
-    options = context.options
+    blur_first = context.options.blur_first
     return context.conv_refusal(site) or replace(
         conv,
-        BlurConv2d.from_conv(conv, blur_first=options.blur_first, padding_mode=conv_padding_mode(context),
-                             **blur_options(context)),
-        Reason.BLURRED_CONV, stride=tuple(conv.stride), blur_first=options.blur_first,
+        ANTI_ALIASED[type(conv)].from_conv(conv, blur_first=blur_first, padding_mode=conv_padding_mode(context),
+                                           **blur_options(context)),
+        Reason.BLURRED_CONV, stride=tuple(conv.stride), blur_first=blur_first,
     )  # fmt: skip
 
 
 def blur_max_pool(site: Site, context: SurgeryContext) -> Outcome:
-    """A max pool -> :class:`BlurMaxPool2d`: the max at stride 1, then blur-subsample (both placements)."""
+    """A max pool -> :class:`BlurMaxPool2d` (``BlurMaxPool1d``): the max at stride 1, then blur-subsample (both
+    placements)."""
     pool = site.module
-    if type(pool) is not nn.MaxPool2d:
+    if type(pool) not in MAX_POOLS:
         return None
     refused = context.refusal(site, "replace_maxpools")
     if refused is None and pool.return_indices:
         refused = refuse(pool, Reason.RETURN_INDICES)
     return refused or replace(
         pool,
-        BlurMaxPool2d.from_maxpool(pool, dtype=context.dtype, device=context.device,
-                                   padding_mode=pool_padding_mode(context), **blur_options(context)),
+        ANTI_ALIASED[type(pool)].from_maxpool(pool, dtype=context.dtype, device=context.device,
+                                              padding_mode=pool_padding_mode(context), **blur_options(context)),
         Reason.BLURRED_POOL, stride=pool.stride,
     )  # fmt: skip
 
 
 def blur_avg_pool(site: Site, context: SurgeryContext) -> Outcome:
-    """An average pool -> :class:`BlurAvgPool2d`: the average at stride 1, then blur-subsample."""
+    """An average pool -> :class:`BlurAvgPool2d` (``BlurAvgPool1d``): the average at stride 1, then blur-subsample."""
     pool = site.module
-    if type(pool) is not nn.AvgPool2d:
+    if type(pool) not in AVG_POOLS:
         return None
     return context.refusal(site, "replace_avgpools") or replace(
         pool,
-        BlurAvgPool2d.from_avgpool(pool, dtype=context.dtype, device=context.device,
-                                   padding_mode=pool_padding_mode(context), **blur_options(context)),
+        ANTI_ALIASED[type(pool)].from_avgpool(pool, dtype=context.dtype, device=context.device,
+                                              padding_mode=pool_padding_mode(context), **blur_options(context)),
         Reason.BLURRED_POOL, stride=pool.stride,
     )  # fmt: skip
 
@@ -161,16 +194,18 @@ def blur_avg_pool(site: Site, context: SurgeryContext) -> Outcome:
 # ---------------------------------------------------------------------------- placement='after_activation' rules
 
 
-def _blur(channels: int, stride: Sequence[int], context: SurgeryContext) -> BlurPool2d:
+def _blur(conv_type: type[nn.Module], channels: int, stride: int | Sequence[int], context: SurgeryContext) -> nn.Module:
+    """The blur module (``BlurPool2d`` / ``BlurPool1d``) for the maps a conv of ``conv_type`` makes."""
     kwargs = blur_options(context)
-    return BlurPool2d(channels, tuple(stride), kwargs.pop("filter_size"), kwargs.pop("pad_mode"),
-                      device=context.device, dtype=context.dtype, **kwargs)  # fmt: skip
+    return BLURS[conv_type](channels, stride, kwargs.pop("filter_size"), kwargs.pop("pad_mode"),
+                            device=context.device, dtype=context.dtype, **kwargs)  # fmt: skip
 
 
 def activation_runs(site: Site, context: SurgeryContext, keys: Sequence[str]) -> list[Decision]:
     """Strided conv [-> BatchNorm2d] -> activation, consecutive among ``keys`` of the container ``site`` (which runs
     them in that order): the conv runs at stride 1 and the activation's slot becomes ``Sequential(activation,
-    BlurPool2d)``. A structure rule for another container calls it with the keys its forward runs in order."""
+    BlurPool2d)`` (1-D: ``Conv1d [-> BatchNorm1d] -> activation``, ``BlurPool1d``). A structure rule for another
+    container calls it with the keys its forward runs in order."""
     parent = site.module
     decisions = []
     for index, key in enumerate(keys):
@@ -178,7 +213,7 @@ def activation_runs(site: Site, context: SurgeryContext, keys: Sequence[str]) ->
         if not is_strided_conv(conv):
             continue
         follower = index + 1
-        if follower < len(keys) and isinstance(parent._modules[keys[follower]], nn.BatchNorm2d):
+        if follower < len(keys) and isinstance(parent._modules[keys[follower]], NORMS[type(conv)]):
             follower += 1
         if follower >= len(keys) or type(parent._modules[keys[follower]]) not in ACTIVATIONS:
             continue
@@ -188,11 +223,11 @@ def activation_runs(site: Site, context: SurgeryContext, keys: Sequence[str]) ->
             continue
         activation_key = keys[follower]
         activation = parent._modules[activation_key]
-        blur = _blur(conv.out_channels, conv.stride, context)
+        blur = _blur(type(conv), conv.out_channels, conv.stride, context)
         path = " -> ".join(type(parent._modules[k]).__name__ for k in keys[index + 1 : follower + 1])
         slot = Place(parent, activation_key, site.child_name(activation_key))
         changes = (Change(conv, conv_copy(conv, stride=1)), Change(activation, nn.Sequential(activation, blur), slot))
-        details = {"stride": tuple(conv.stride), "path": path, "blur": f"{slot.name}.1"}
+        details = {"stride": tuple(conv.stride), "path": path, "blur": f"{slot.name}.1", "kind": type(blur).__name__}
         decisions.append(Decision(conv, Reason.BLUR_AFTER_ACTIVATION, details, blur=blur, changes=changes))
     return decisions
 
@@ -205,9 +240,10 @@ def conv_norm_activation_runs(site: Site, context: SurgeryContext) -> Outcome:
 
 
 def average_becomes_blur(site: Site, context: SurgeryContext) -> Outcome:
-    """A strided average pool -> :class:`BlurPool2d` (the paper's), with the channels of the conv before it."""
+    """A strided average pool -> :class:`BlurPool2d` (``BlurPool1d``; the paper's), with the channels of the conv
+    before it."""
     pool = site.module
-    if type(pool) is not nn.AvgPool2d or max_stride(pool) <= 1:
+    if type(pool) not in AVG_POOLS or max_stride(pool) <= 1:
         return None
     refused = context.refusal(site, "replace_avgpools")
     if refused is not None:
@@ -215,21 +251,23 @@ def average_becomes_blur(site: Site, context: SurgeryContext) -> Outcome:
     place = site.places[0]
     keys = list(place.parent._modules)
     earlier = [place.parent._modules[k] for k in keys[: keys.index(place.key)]]
-    channels = next((m.out_channels for m in reversed(earlier) if isinstance(m, nn.Conv2d)), None)
+    conv_type = CONVS[AVG_POOLS.index(type(pool))]  # the conv of the pool's dimension
+    channels = next((m.out_channels for m in reversed(earlier) if isinstance(m, conv_type)), None)
     if channels is None:
         return refuse(pool, Reason.NO_CHANNEL_COUNT)
-    stride = (pool.stride, pool.stride) if isinstance(pool.stride, int) else tuple(pool.stride)
-    return replace(pool, _blur(channels, stride, context), Reason.AVERAGE_BECOMES_BLUR, stride=pool.stride)
+    return replace(pool, _blur(conv_type, channels, pool.stride, context), Reason.AVERAGE_BECOMES_BLUR,
+                   stride=pool.stride)  # fmt: skip
 
 
 def blur_before_the_shortcut(site: Site, context: SurgeryContext) -> Outcome:
     """A strided unpadded 1x1 conv (a shortcut): blur at its stride, then the conv at stride 1."""
     conv = site.module
-    if not (is_strided_conv(conv) and conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid")):
+    if not (is_strided_conv(conv) and set(conv.kernel_size) == {1} and not _pads(conv.padding)):
         return None
     return context.conv_refusal(site) or replace(
         conv,
-        BlurConv2d.from_conv(conv, blur_first=True, padding_mode=conv_padding_mode(context), **blur_options(context)),
+        ANTI_ALIASED[type(conv)].from_conv(conv, blur_first=True, padding_mode=conv_padding_mode(context),
+                                           **blur_options(context)),
         Reason.BLURRED_SHORTCUT, stride=tuple(conv.stride),
     )  # fmt: skip
 
@@ -246,13 +284,13 @@ def unrecognized_strided_conv(site: Site, context: SurgeryContext) -> Outcome:
 
 def _pads(padding: Any) -> bool:
     """Whether a conv's or pool's ``padding`` pads at all."""
-    return padding not in (0, (0, 0), "valid")
+    return padding not in (0, (0,), (0, 0), "valid")
 
 
 def circular_conv(site: Site, context: SurgeryContext) -> Outcome:
-    """A plain ``nn.Conv2d`` that pads, not circularly -> a copy with ``padding_mode='circular'`` (same Parameters)."""
+    """A plain conv that pads, not circularly -> a copy with ``padding_mode='circular'`` (same Parameters)."""
     conv = site.module
-    if type(conv) is not nn.Conv2d or not _pads(conv.padding) or conv.padding_mode == "circular":
+    if type(conv) not in CONVS or not _pads(conv.padding) or conv.padding_mode == "circular":
         return None
     return context.excluded(site) or replace(
         conv, conv_copy(conv, padding_mode="circular"), CircularReason.CIRCULAR_CONV, padding=conv.padding,
@@ -264,7 +302,7 @@ def circular_pool(site: Site, context: SurgeryContext) -> Outcome:
     """A plain max or average pool that pads -> a :class:`BlurMaxPool2d` / :class:`BlurAvgPool2d` with
     ``filter_size=1`` (no blur, the pool's own stride and sampling) that pads circularly."""
     pool = site.module
-    if type(pool) not in (nn.MaxPool2d, nn.AvgPool2d) or not _pads(pool.padding):
+    if type(pool) not in (*MAX_POOLS, *AVG_POOLS) or not _pads(pool.padding):
         return None
     refused = context.excluded(site)
     if refused is None and getattr(pool, "return_indices", False):
@@ -272,11 +310,8 @@ def circular_pool(site: Site, context: SurgeryContext) -> Outcome:
     if refused is not None:
         return refused
     kwargs = {"filter_size": 1, "dtype": context.dtype, "device": context.device, "padding_mode": "circular"}
-    new = (
-        BlurMaxPool2d.from_maxpool(pool, **kwargs)
-        if type(pool) is nn.MaxPool2d
-        else BlurAvgPool2d.from_avgpool(pool, **kwargs)
-    )
+    cls = ANTI_ALIASED[type(pool)]
+    new = cls.from_maxpool(pool, **kwargs) if type(pool) in MAX_POOLS else cls.from_avgpool(pool, **kwargs)
     return replace(pool, new, CircularReason.CIRCULAR_POOL, padding=pool.padding)
 
 

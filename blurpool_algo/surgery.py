@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from blurpool_algo import layers
 from blurpool_algo.checks import fail
 from blurpool_algo.exclusion import Exclusion, child_name_roots, unmatched_exclude_patterns
 from blurpool_algo.layer_rules import CIRCULAR_PADDING, CONV_PLACEMENT, PAPER_PLACEMENT
-from blurpool_algo.layers import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d
 from blurpool_algo.options import PLACEMENTS, BlurPoolOptions, validate_options
 from blurpool_algo.resnet_rules import RESNET_RULES
 from blurpool_algo.rules import Decision, ReasonCode, Rule, Site, SurgeryContext, walk
@@ -86,30 +86,34 @@ class BlurPoolReport:
     #: Under ``circular_padding``: the plain convs and pools made to pad circularly (the blur layers are built so).
     circular: list[ModuleDecision] = field(default_factory=list)
 
-    def _count(self, cls: type[nn.Module]) -> int:
-        return sum(d.replacement == cls.__name__ for d in self.replaced)
+    def _count(self, *classes: type[nn.Module]) -> int:
+        names = {cls.__name__ for cls in classes}
+        return sum(d.replacement in names for d in self.replaced)
+
+    # Each count takes a layer kind's 2-D and 1-D classes together.
 
     @property
     def num_blurconv_layers(self) -> int:
-        return self._count(BlurConv2d)
+        return self._count(layers.BlurConv2d, layers.BlurConv1d)
 
     @property
     def num_blurmaxpool_layers(self) -> int:
-        return self._count(BlurMaxPool2d)
+        return self._count(layers.BlurMaxPool2d, layers.BlurMaxPool1d)
 
     @property
     def num_bluravgpool_layers(self) -> int:
-        return self._count(BlurAvgPool2d)
+        return self._count(layers.BlurAvgPool2d, layers.BlurAvgPool1d)
 
     @property
     def num_blurpool2d_layers(self) -> int:
-        """Blurs placed after an activation (the paper's placement) as their own module."""
-        return self._count(BlurPool2d)
+        """Blurs placed after an activation (the paper's placement) as their own module (``BlurPool2d``, and
+        ``BlurPool1d`` in 1-D networks)."""
+        return self._count(layers.BlurPool2d, layers.BlurPool1d)
 
     @property
     def num_blurinputconv_layers(self) -> int:
         """Blurs placed after an activation (the paper's placement) inside the next conv."""
-        return self._count(BlurInputConv2d)
+        return self._count(layers.BlurInputConv2d, layers.BlurInputConv1d)
 
     @property
     def num_replaced(self) -> int:
@@ -203,6 +207,8 @@ def apply_blurpool(
     * ``nn.Conv2d`` with a stride > 1 and ``in_channels >= min_channels`` -> :class:`BlurConv2d`.
     * ``nn.MaxPool2d`` with a stride > 1 -> :class:`BlurMaxPool2d`.
     * ``nn.AvgPool2d`` with a stride > 1 -> :class:`BlurAvgPool2d` (only with ``replace_avgpools=True``).
+    * Their 1-D forms alike: ``nn.Conv1d``, ``nn.MaxPool1d``, ``nn.AvgPool1d`` -> ``BlurConv1d``, ``BlurMaxPool1d``,
+      ``BlurAvgPool1d`` (in the paper's placement, ``Conv1d -> BatchNorm1d -> activation`` runs get a ``BlurPool1d``).
 
     Only these exact classes are replaced: subclasses (a "same"-padding conv, say) and pools with
     ``return_indices=True`` are skipped and reported, never swapped for something that behaves differently. Applying
