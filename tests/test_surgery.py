@@ -600,32 +600,33 @@ def test_excluding_the_conv_a_block_would_change_vetoes_the_block() -> None:
 
 
 class _Why(ReasonCode):
-    STRIDED_CONV1D = "strided_conv1d", "stride {stride}: a 1-D conv, left as it is"
+    STRIDED_CONV3D = "strided_conv3d", "stride {stride}: a 3-D conv, left as it is"
 
 
-def _strided_conv1d(site: Site, context: SurgeryContext) -> Decision | None:
-    if type(site.module) is not nn.Conv1d or site.module.stride == (1,):
+def _strided_conv3d(site: Site, context: SurgeryContext) -> Decision | None:
+    if type(site.module) is not nn.Conv3d or site.module.stride == (1, 1, 1):
         return None
-    return context.excluded(site) or rules.refuse(site.module, _Why.STRIDED_CONV1D, stride=site.module.stride)
+    return context.excluded(site) or rules.refuse(site.module, _Why.STRIDED_CONV3D, stride=site.module.stride)
 
 
 def test_a_new_layer_kind_is_one_rule() -> None:
     # A rule of its own, with its own reason code, beside the conv placement's rules: the walker offers it every
     # module; the generic rules still handle theirs, and exclusion applies to the new rule through the context.
+    # (A 3-D conv: the conv placement has rules for 1-D and 2-D ones.)
     model = nn.ModuleDict({
-        "temporal": nn.Conv1d(16, 16, 3, stride=2), "skipped": nn.Conv1d(16, 16, 3, stride=2),
+        "volume": nn.Conv3d(16, 16, 3, stride=2), "skipped": nn.Conv3d(16, 16, 3, stride=2),
         "spatial": nn.Conv2d(16, 16, 3, stride=2),
     })  # fmt: skip
     options = surgery.validate_options(exclude=["skipped"])
     context = rules.SurgeryContext.of(model, options, Exclusion(options.exclude))
-    taken = rules.walk((*surgery.PLACEMENT_RULES["conv"], _strided_conv1d), context)
+    taken = rules.walk((*surgery.PLACEMENT_RULES["conv"], _strided_conv3d), context)
     assert [(site.name, decision.code) for site, decision in taken] == [
-        ("temporal", _Why.STRIDED_CONV1D),
+        ("volume", _Why.STRIDED_CONV3D),
         ("skipped", Reason.EXCLUDED),
         ("spatial", Reason.BLURRED_CONV),
     ]
-    assert taken[0][1].reason == "stride (2,): a 1-D conv, left as it is"
-    assert type(model["temporal"]) is nn.Conv1d and isinstance(model["spatial"], BlurConv2d)
+    assert taken[0][1].reason == "stride (2, 2, 2): a 3-D conv, left as it is"
+    assert type(model["volume"]) is nn.Conv3d and isinstance(model["spatial"], BlurConv2d)
 
 
 # ------------------------------------------------------------------------------------ dtype, device, mode, layout
@@ -898,3 +899,90 @@ def test_paper_placement_takes_the_sampling_option() -> None:
     )
     with torch.no_grad():
         assert model(make_input(1, 3, 64, 64)).shape == (1, 1000)
+
+
+# ------------------------------------------------------------------------------------------------------------ 1-D
+
+
+def _audio_cnn(seed: int = 0) -> nn.Sequential:
+    """A small 1-D CNN of the kind audio and time-series models use, in float64 and eval mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv1d(1, 16, 9, stride=2, padding=4), nn.BatchNorm1d(16), nn.ReLU(),  # 0-2: the stem (few channels)
+        nn.MaxPool1d(3, 2, 1),  # 3
+        nn.Conv1d(16, 32, 5, stride=2, padding=2), nn.BatchNorm1d(32), nn.ReLU(),  # 4-6
+        nn.Conv1d(32, 32, 3, padding=1), nn.ReLU(),  # 7-8: stride 1
+        nn.AvgPool1d(2),  # 9
+        nn.Conv1d(32, 32, 1, stride=2),  # 10: a strided pointwise conv
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 5),
+    ).double().eval()  # fmt: skip
+
+
+def _codes(report: BlurPoolReport) -> dict[str, str]:
+    return {d.name: d.code.value for d in report.replaced + report.skipped}
+
+
+def test_1d_conv_placement() -> None:
+    baseline = _audio_cnn()
+    model = copy.deepcopy(baseline)
+    parameters = [id(p) for p in model.parameters()]
+    report = apply_blurpool(model, replace_avgpools=True, filter_size=4)
+    assert _codes(report) == {
+        "0": "few_channels", "3": "blurred_pool", "4": "blurred_conv", "7": "unstrided", "9": "blurred_pool",
+        "10": "blurred_conv",
+    }  # fmt: skip
+    assert [type(model[i]).__name__ for i in (3, 4, 9, 10)] == [
+        "BlurMaxPool1d",
+        "BlurConv1d",
+        "BlurAvgPool1d",
+        "BlurConv1d",
+    ]
+    assert (report.num_blurconv_layers, report.num_blurmaxpool_layers, report.num_bluravgpool_layers) == (2, 1, 1)
+    assert [id(p) for p in model.parameters()] == parameters
+    x = torch.randn(3, 1, 100, dtype=torch.float64)
+    assert model(x).shape == baseline(x).shape
+    assert not torch.allclose(model(x), baseline(x))
+    assert model[4].blur_filter.shape == (16, 1, 4)  # blur_first: the input's channels, the 1-D taps
+    with torch.no_grad():  # the control: filter_size=1 is the plain network
+        plain = copy.deepcopy(baseline)
+        assert apply_blurpool(plain, replace_avgpools=True, filter_size=1).num_replaced == 4
+        assert torch.equal(plain(x), baseline(x))
+    assert not apply_blurpool(model, replace_avgpools=True).changed  # a second pass finds everything blurred
+
+
+def test_1d_paper_placement() -> None:
+    baseline = _audio_cnn()
+    model = copy.deepcopy(baseline)
+    report = apply_blurpool(model, placement="after_activation", replace_avgpools=True, min_channels=0)
+    assert _codes(report) == {
+        "0": "blur_after_activation", "4": "blur_after_activation", "3": "blurred_pool",
+        "9": "average_becomes_blur", "10": "blurred_shortcut",
+    }  # fmt: skip
+    blur_after_4 = next(d for d in report.replaced if d.name == "4")
+    assert blur_after_4.details["blur"] == "6.1" and blur_after_4.details["path"] == "BatchNorm1d -> ReLU"
+    assert model[4].stride == (1,) and isinstance(model[6], nn.Sequential)
+    assert [type(m).__name__ for m in model[6]] == ["ReLU", "BlurPool1d"] and model[6][1].stride == [2]
+    assert type(model[9]).__name__ == "BlurPool1d" and model[9].channels == 32
+    assert report.num_blurpool2d_layers == 3 and report.num_blurconv_layers == 1  # the 1-D blurs counted
+    x = torch.randn(2, 1, 64, dtype=torch.float64)
+    assert model(x).shape == baseline(x).shape
+
+
+def test_1d_circular_padding_and_adaptive_sampling_make_a_network_invariant_to_circular_shifts() -> None:
+    # 128 samples, total stride 16: every map's length stays a multiple of its stride. With adaptive sampling and
+    # circular padding the logits of every roll of the signal are the same; fixed sampling (the control) and the
+    # baseline are not.
+    x = torch.randn(2, 1, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    changes = {}
+    for arm, options in (("aps", {"sampling": "adaptive"}), ("fixed", {}), ("baseline", None)):
+        model = _audio_cnn()
+        if options is not None:
+            report = apply_blurpool(model, circular_padding=True, replace_avgpools=True, min_channels=0, **options)
+            assert report.num_replaced == 5 and [d.name for d in report.circular] == ["7"]
+        with torch.no_grad():
+            logits = model(x)
+            changes[arm] = max(
+                (model(torch.roll(x, shift, 2)) - logits).abs().max().item() for shift in (1, 2, 5, 8, 13)
+            )
+    assert changes["aps"] < 1e-12
+    assert changes["fixed"] > 1e-4 and changes["baseline"] > 1e-4
