@@ -1,6 +1,6 @@
-"""Quantization of blurred models: FX graph mode static quantization (``prepare_fx`` / ``convert_fx``, x86 default
-qconfig mapping) and PT2E (``export_for_training`` + ``prepare_pt2e`` / ``convert_pt2e`` with the
-``X86InductorQuantizer``).
+"""Quantization of blurred models, 2-D and 1-D: FX graph mode static quantization (``prepare_fx`` / ``convert_fx``, x86
+default qconfig mapping) and PT2E (``export_for_training`` + ``prepare_pt2e`` / ``convert_pt2e`` with the
+``X86InductorQuantizer``), and benchmarks/quantization.py's machinery.
 
 Reference: the float model itself. A quantized model must run, hold quantized convs (the control that quantization
 happened at all), and stay close to its float model. Whole models face a second control: the un-blurred model with the
@@ -27,6 +27,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from blurpool_algo import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, apply_blurpool, models
+from blurpool_algo.layers import BlurAvgPool1d, BlurConv1d, BlurInputConv1d, BlurMaxPool1d, BlurPool1d
 from blurpool_algo.recipe import recipe_parts
 
 
@@ -317,3 +318,49 @@ def test_benchmark_measures_a_checkpoint(tmp_path: Path) -> None:
     assert result["fx"]["quantized_convs"] == FX_QUANTIZED_CONVS["conv_blur_first"]
     assert 0 <= result["fx"]["agreement"] <= 100
     assert result["fx"]["top1_change"] == pytest.approx(result["fx"]["top1"] - expected)
+
+
+# ------------------------------------------------------------------------------------------------------ 1-D layers
+
+
+def _calibration_1d(seed: int = 0) -> torch.Tensor:
+    # 16 signals of 64 samples: with fewer, one batch's ranges say little about the next one's.
+    return torch.randn(16, 3, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _net_1d(layer: nn.Module) -> nn.Module:
+    """conv -> BN -> ReLU, the blurred 1-D layer, then a conv: :func:`_net` in 1-D."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), layer, nn.Conv1d(8, 4, 3, padding=1),
+    ).eval()  # fmt: skip
+
+
+LAYERS_1D = {
+    "conv_blur_first": lambda: BlurConv1d(8, 8, 3, stride=2, padding=1, filter_size=4),
+    "conv_blur_after": lambda: BlurConv1d(8, 8, 3, stride=2, padding=1, filter_size=4, blur_first=False),
+    "conv_pointwise": lambda: BlurConv1d(8, 8, 1, stride=2, filter_size=3),
+    "input_conv": lambda: BlurInputConv1d(8, 8, 3, padding=1, blur_stride=2, filter_size=4, pad_mode="reflect"),
+    "maxpool": lambda: BlurMaxPool1d(3, 2, 1, filter_size=4, pad_mode="reflect"),
+    "avgpool": lambda: BlurAvgPool1d(2, 2, filter_size=3),
+    "blurpool": lambda: BlurPool1d(8, 2, filter_size=5, pad_mode="replicate"),
+}
+
+
+def fx_quantized_convs_1d(model: nn.Module) -> int:
+    modules = sum(isinstance(m, torch.ao.nn.quantized.Conv1d) for m in model.modules())
+    functional = (torch.ops.quantized.conv1d, torch.ops.quantized.conv1d_relu)
+    return modules + sum(node.target in functional for node in model.graph.nodes)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS_1D))
+def test_fx_static_quantization_of_1d_layers(kind: str) -> None:
+    model = _net_1d(LAYERS_1D[kind]())
+    quantized = fx_quantize(model, _calibration_1d())
+    # The two plain convs, and a blurred conv's own conv (its blur stays float, as in 2-D).
+    assert fx_quantized_convs_1d(quantized) == (3 if "conv" in kind else 2)
+    x = _calibration_1d(1)
+    with torch.no_grad():
+        expected, got = model(x), quantized(x)
+    assert got.shape == expected.shape
+    assert relative_error(got, expected) <= TOLERANCE
