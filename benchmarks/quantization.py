@@ -77,8 +77,6 @@ FLOWS = ("fx", "pt2e")
 LATEST = "latest-rank0.pt"
 #: Calibration batch size: the observers see the calibration images in batches of this many.
 CALIBRATION_BATCH = 64
-#: The largest batch the PT2E-quantized model takes.
-MAX_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -183,9 +181,8 @@ def fx_quantize(model: nn.Module, batches: list[torch.Tensor]) -> tuple[nn.Modul
 def pt2e_quantize(model: nn.Module, batches: list[torch.Tensor]) -> tuple[nn.Module, int]:
     quantizer = x86_inductor.X86InductorQuantizer()
     quantizer.set_global(x86_inductor.get_default_x86_inductor_quantization_config())
-    # A dynamic batch: the calibration and evaluation batches differ in size. Bounded, because torch 2.7 refuses an
-    # unbounded one for circularly padded pools (see docs/deployment.md).
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # A dynamic batch: the calibration and evaluation batches differ in size.
+    batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.export.export_for_training(
