@@ -1,6 +1,6 @@
 """Quantization of blurred models, 2-D and 1-D: FX graph mode static quantization (``prepare_fx`` / ``convert_fx``, x86
 default qconfig mapping) and PT2E (``export_for_training`` + ``prepare_pt2e`` / ``convert_pt2e`` with the
-``X86InductorQuantizer``), and benchmarks/quantization.py's machinery.
+``X86InductorQuantizer``; the ``XNNPACKQuantizer`` for 1-D networks), and benchmarks/quantization.py's machinery.
 
 Reference: the float model itself. A quantized model must run, hold quantized convs (the control that quantization
 happened at all), and stay close to its float model. Whole models face a second control: the un-blurred model with the
@@ -25,6 +25,7 @@ from torch import nn
 from torch.ao.quantization import QConfigMapping, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
+from torch.ao.quantization.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
 from blurpool_algo import BlurAvgPool2d, BlurConv2d, BlurInputConv2d, BlurMaxPool2d, BlurPool2d, apply_blurpool, models
 from blurpool_algo.layers import BlurAvgPool1d, BlurConv1d, BlurInputConv1d, BlurMaxPool1d, BlurPool1d
@@ -364,3 +365,87 @@ def test_fx_static_quantization_of_1d_layers(kind: str) -> None:
         expected, got = model(x), quantized(x)
     assert got.shape == expected.shape
     assert relative_error(got, expected) <= TOLERANCE
+
+
+def _audio_net() -> nn.Module:
+    """An audio-style 1-D CNN with every 1-D subsampling kind: strided convs, a max-pool and an average pool; BatchNorm
+    statistics from one batch, so that activations are O(1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 16, 9, stride=2, padding=4), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.MaxPool1d(3, 2, 1),
+        nn.Conv1d(16, 32, 5, stride=2, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.Conv1d(32, 32, 3, padding=1), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.AvgPool1d(2), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+    for norm in model.modules():
+        if isinstance(norm, nn.BatchNorm1d):
+            norm.momentum = None
+    with torch.no_grad():
+        model.train()(_signals(100))
+    return model.eval()
+
+
+def _signals(seed: int) -> torch.Tensor:
+    return torch.randn(8, 1, 256, generator=torch.Generator().manual_seed(seed))
+
+
+#: 1-D surgery options: the conv placement (fixed; adaptive sampling with circular padding) and the paper's.
+OPTIONS_1D = {
+    "conv_blur_first": {"min_channels": 0},
+    "conv_adaptive_circular": {"sampling": "adaptive", "circular_padding": True, "min_channels": 0},
+    "paper": {**PAPER_OPTIONS, "min_channels": 0},
+}
+
+
+def audio_models(kind: str) -> tuple[nn.Module, nn.Module]:
+    """(the blurred audio net, its un-blurred twin with the same weights)."""
+    plain = _audio_net()
+    blurred = copy.deepcopy(plain)
+    assert apply_blurpool(blurred, **OPTIONS_1D[kind]).num_replaced >= 2
+    return blurred.eval(), plain
+
+
+def assert_close_to_float_1d(kind: str, quantized: nn.Module, model: nn.Module, plain: nn.Module) -> None:
+    tolerance = ADAPTIVE_TOLERANCE if "adaptive" in kind else TOLERANCE
+    x = _signals(1)
+    with torch.no_grad():
+        expected, got, unblurred = model(x), quantized(x), plain(x)
+    error = relative_error(got, expected)
+    assert error <= tolerance, f"quantized 1-D {kind}: relative error {error:.3f} > {tolerance}"
+    assert relative_error(unblurred, expected) > 2 * tolerance  # the control, as for 2-D
+
+
+#: FX quantizes the audio net's 3 convs, but none under adaptive sampling with circular padding: the two strided ones
+#: run inside the conv_at_phase leaf, the third pads circularly (left in float, see fx_qconfig_mapping).
+FX_QUANTIZED_CONVS_1D = {"conv_adaptive_circular": 0, "paper": 3}
+
+
+@pytest.mark.parametrize("kind", list(FX_QUANTIZED_CONVS_1D))
+def test_fx_quantizes_a_blurred_1d_network(kind: str) -> None:
+    model, plain = audio_models(kind)
+    quantized = fx_quantize(model, _signals(0))
+    assert fx_quantized_convs_1d(quantized) == FX_QUANTIZED_CONVS_1D[kind]
+    assert_close_to_float_1d(kind, quantized, model, plain)
+
+
+def test_pt2e_quantizes_a_blurred_1d_network() -> None:
+    """PT2E with the XNNPACK quantizer: torch 2.7's X86InductorQuantizer annotates 2-D convs only, so it would leave a
+    1-D network's convs in float (docs/deployment.md). Every conv gets int8 weights, the blurs' included."""
+    kind = "conv_blur_first"
+    model, plain = audio_models(kind)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    x = _signals(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_pt2e(torch.export.export_for_training(model, (x,)).module(), quantizer)
+        with torch.no_grad():
+            prepared(x)
+        quantized = convert_pt2e(prepared)
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    conv_ops = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default)  # the blurs may run as 2-D convs
+    convs = [node for node in quantized.graph.nodes if node.target in conv_ops]
+    # The 3 convs and the 3 blurs (the stem conv's, the max-pool's, the strided conv's).
+    assert len(convs) == 6
+    assert all(node.args[1].target == dequantize for node in convs)
+    assert_close_to_float_1d(kind, quantized, model, plain)
