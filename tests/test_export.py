@@ -1,5 +1,5 @@
 """Model-level export of blurred torchvision ResNets: torch.compile (no graph breaks), TorchScript, torch.fx, ONNX,
-torch.export with a dynamic batch.
+torch.export with a dynamic batch (also of a blurred 1-D network).
 
 References: the eager blurred model itself, and Composer's built-in BlurPool, which does break the graph (so the
 graph-break test is shown to detect breaks).
@@ -230,3 +230,34 @@ def test_torch_export_of_a_circular_pool_leaves_the_batch_unbounded() -> None:
     for size in (1, 3):
         x = make_input(size, 8, 16, 16, seed=size)
         torch.testing.assert_close(program.module()(x), pool(x))
+
+
+def _audio_net(options: dict) -> nn.Module:
+    """An audio-style 1-D CNN (strided convs, a max-pool, an average pool), blurred with ``options``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 16, 9, stride=2, padding=4), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.MaxPool1d(3, 2, 1),
+        nn.Conv1d(16, 32, 5, stride=2, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.AvgPool1d(2), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+    assert apply_blurpool(model, **options).num_replaced >= 2
+    return model
+
+
+#: The 1-D conv placement (the stem blurred too, adaptive sampling, circular padding) and the paper's.
+EXPORTED_1D = {
+    "conv-adaptive-circular": {"min_channels": 0, "sampling": "adaptive", "circular_padding": True},
+    "paper": {"placement": "after_activation", "filter_size": 4, "pad_mode": "reflect", "replace_avgpools": True},
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPORTED_1D))
+def test_torch_export_of_a_1d_network_with_a_dynamic_batch_matches_eager(kind: str) -> None:
+    model = _audio_net(EXPORTED_1D[kind])
+    program = torch.export.export(model, (make_input(2, 1, 200),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    exported = program.module()
+    for size in (1, 5):
+        x = make_input(size, 1, 200, seed=size)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), model(x))
