@@ -236,10 +236,11 @@ def test_pt2e_quantizes_whole_blurred_models(kind: str) -> None:
 def test_pt2e_prepares_a_batchnorm_after_a_blurred_conv() -> None:
     """``blur_first=False`` in the conv placement puts a BatchNorm right after the blur's depthwise conv, whose weight
     is the filter buffer. ``prepare_pt2e`` folds every BatchNorm that follows a conv into it, assuming the weight is a
-    Parameter read straight from the module: torch 2.7 raises (an ``AssertionError``, or a ``KeyError`` registering
-    the fused filter over the buffer). The prepared model must run and compute the float model's function (observers
-    only watch). The full flow is not run: with a BatchNorm left in the graph, ``convert_pt2e`` spends 10-15 s
-    building its QAT folding patterns, whatever the model."""
+    Parameter read straight from the module: on the blur, torch 2.7 raises (an ``AssertionError``, or a ``KeyError``
+    registering the fused filter over the buffer), so the layer ends in a view that keeps this BatchNorm out of the
+    fold. The prepared model must run and compute the float model's function (observers only watch). The full flow is
+    not run: with a BatchNorm left in the graph, ``convert_pt2e`` spends 10-15 s building its QAT folding patterns,
+    whatever the model."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
