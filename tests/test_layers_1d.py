@@ -181,11 +181,12 @@ def test_an_even_pool_padded_by_half_keeps_its_size_when_circular(dims):
 def test_blur_pool1d_matches_the_reference(pad_mode):
     for filter_size, stride in itertools.product(range(1, 8), (1, 2, 3)):
         module = BlurPool1d(CHANNELS, stride, filter_size, pad_mode, dtype=torch.float64)
+        adaptive = BlurPool1d(CHANNELS, stride, filter_size, pad_mode, dtype=torch.float64, sampling="adaptive")
         assert torch.equal(module.blur_filter, taps(filter_size).expand(CHANNELS, 1, filter_size))
         for length in (1, 2, 3, 4, 5, 8, 9):
             x = torch.randn(2, CHANNELS, length, dtype=torch.float64)
             expected = ref_blur(x, filter_size, stride, pad_mode)
-            assert expected.shape[-1] == math.ceil(length / stride)
+            assert expected.shape[-1] == math.ceil(length / stride) and adaptive(x).shape == expected.shape
             for out in (module(x), blur_pool1d(x, (stride,), filter_size, pad_mode)):
                 torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg=f"{filter_size} {length}")
 
@@ -341,7 +342,7 @@ def test_gradcheck(kind):
     assert torch.autograd.gradcheck(fn, (x, *parameters))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_dtype_follows_the_layer(kind, dtype):
     layer = make_layer(kind, dtype=dtype)
@@ -349,8 +350,8 @@ def test_dtype_follows_the_layer(kind, dtype):
     x = torch.randn(2, CHANNELS, 12).to(dtype)
     out = layer(x)
     assert out.dtype == dtype
-    reference = copy.deepcopy(layer).double()  # the same weights and taps (exact in bfloat16 too), in float64
-    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-12
+    reference = copy.deepcopy(layer).double()  # the same weights and taps (exact in 16 bits too), in float64
+    tolerance = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(out.double(), reference(x.double()), rtol=tolerance, atol=tolerance)
 
 
