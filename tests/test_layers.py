@@ -735,7 +735,9 @@ def test_forward_makes_no_copies(kind, pad_mode, memory_format):
         out = layer(x)
     assert not COPYING_OPS & set(record.names), record.names
     # Beyond the layer's own conv/pool calls, only views of the filter and the blur's padding.
-    allowed = {"convolution", "max_pool2d_with_indices", "avg_pool2d", "expand", "slice"}
+    # "view": blur_first=False returns a view of the blur's output, so PT2E does not fold a following BatchNorm into
+    # the blur; a view copies nothing.
+    allowed = {"convolution", "max_pool2d_with_indices", "avg_pool2d", "expand", "slice", "view"}
     allowed |= {"constant_pad_nd", "replication_pad2d", "reflection_pad2d"}
     assert set(record.names) <= allowed, record.names
     assert out.is_contiguous(memory_format=memory_format)
@@ -1096,6 +1098,24 @@ def test_assign_load_never_writes_into_the_callers_tensors():
     x = torch.randn(1, 2, 8, 8)
     torch.testing.assert_close(layer(x), source(x), rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_a_meta_built_layer_refuses_an_assign_load_that_leaves_its_filter_on_meta(kind):
+    # load_state_dict(assign=True) on a meta-built layer takes every tensor from the state dict; without the filter
+    # key nothing says where the filter lives, and a meta buffer would make forward read uninitialised memory.
+    reference = make_layer(kind, pad_mode="reflect", filter_size=4)
+    plain_state = {k: v for k, v in reference.state_dict().items() if k != "blur_filter"}
+    with torch.device("meta"):
+        layer = make_layer(kind, pad_mode="reflect", filter_size=4)
+    with pytest.raises(RuntimeError, match=r"blur_filter.*meta device"):
+        layer.load_state_dict(plain_state, strict=True, assign=True)
+    # Control: with the filter key the same load works and the layer computes the reference's output.
+    with torch.device("meta"):
+        layer = make_layer(kind, pad_mode="reflect", filter_size=4)
+    layer.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    x = torch.randn(2, IN_CHANNELS, 9, 8)
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TorchScript, torch.fx, torch.compile, ONNX
