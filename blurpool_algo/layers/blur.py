@@ -184,6 +184,14 @@ class OptionalFilterOnLoad:
         )
         with torch.no_grad():
             if local_metadata.get("assign_to_params_buffers", False):
+                if computed.is_meta:
+                    # A meta-built layer and no filter key: nothing says where the filter lives, and a meta buffer
+                    # makes forward read uninitialised memory without a word.
+                    errors.append(
+                        f"{key}: this layer is on the meta device and the state dict holds no filter to assign; "
+                        "allowed: materialise the model first (to_empty), or include the filter keys"
+                    )
+                    return
                 # load_state_dict(assign=True) made the caller's tensor the buffer: never write into it.
                 self._buffers[FILTER_BUFFER] = computed.contiguous()  # type: ignore[attr-defined]
             else:
