@@ -92,7 +92,7 @@ class Reason(ReasonCode):
     BLURRED_SHORTCUT = "blurred_shortcut", "stride {stride}: blur, then the 1x1 conv at stride 1"
     BLUR_AFTER_ACTIVATION = (
         "blur_after_activation",
-        "stride {stride} moved after the activation: the conv at stride 1 -> {path} -> BlurPool2d ({blur})",
+        "stride {stride} moved after the activation: the conv at stride 1 -> {path} -> {kind} ({blur})",
     )
     AVERAGE_BECOMES_BLUR = (
         "average_becomes_blur",
