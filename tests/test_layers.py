@@ -1099,7 +1099,6 @@ def test_assign_load_never_writes_into_the_callers_tensors():
     torch.testing.assert_close(layer(x), source(x), rtol=0, atol=0)
 
 
-
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_a_meta_built_layer_refuses_an_assign_load_that_leaves_its_filter_on_meta(kind):
     # load_state_dict(assign=True) on a meta-built layer takes every tensor from the state dict; without the filter
@@ -1116,6 +1115,7 @@ def test_a_meta_built_layer_refuses_an_assign_load_that_leaves_its_filter_on_met
     layer.load_state_dict(reference.state_dict(), strict=True, assign=True)
     x = torch.randn(2, IN_CHANNELS, 9, 8)
     torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TorchScript, torch.fx, torch.compile, ONNX
