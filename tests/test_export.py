@@ -1,5 +1,5 @@
 """Model-level export of blurred torchvision ResNets: torch.compile (no graph breaks), TorchScript, torch.fx, ONNX,
-torch.export with a dynamic batch (also of a blurred 1-D network).
+torch.export with a dynamic batch; a blurred 1-D network through torch.export and ONNX (dynamic batch and length).
 
 References: the eager blurred model itself, and Composer's built-in BlurPool, which does break the graph (so the
 graph-break test is shown to detect breaks).
@@ -262,3 +262,22 @@ def test_torch_export_of_a_1d_network_with_a_dynamic_batch_matches_eager(kind: s
         x = make_input(size, 1, 200, seed=size)
         with torch.no_grad():
             torch.testing.assert_close(exported(x), model(x))
+
+
+@pytest.mark.parametrize("kind", list(EXPORTED_1D))
+def test_onnx_of_a_1d_network_with_dynamic_batch_and_length_matches_eager(kind: str) -> None:
+    model = _audio_net(EXPORTED_1D[kind])
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (make_input(1, 1, 200),), buffer, dynamo=False, opset_version=17, input_names=["signal"],
+            output_names=["logits"], dynamic_axes={"signal": {0: "batch", 2: "length"}, "logits": {0: "batch"}},
+        )  # fmt: skip
+    onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    for shape in [(3, 1, 256), (2, 1, 131)]:  # another batch, another (odd) length
+        x = make_input(*shape, seed=2)
+        (logits,) = session.run(None, {"signal": x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(logits, model(x).numpy(), rtol=1e-4, atol=1e-4)
