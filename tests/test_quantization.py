@@ -115,7 +115,9 @@ def test_fx_static_quantization_runs_and_stays_close(kind: str) -> None:
     with torch.no_grad():
         expected, got = model(x), quantized(x)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
+    # Relative L2 error, not the largest single deviation: one int8 rounding step at the peak of a small random net's
+    # output sat right at a max-abs limit, and passed or failed with the kernels' summation order.
+    assert relative_error(got, expected) <= 0.1
 
 
 # --------------------------------------------------------------------------------------------------- whole models
