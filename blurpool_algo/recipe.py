@@ -94,6 +94,20 @@ class DataConfig:
     synthetic_samples: int = 64
     #: Folder datasets: unreadable images skipped with a warning before the run stops; 0 = none.
     max_bad_images: int = data.DEFAULT_MAX_BAD_IMAGES
+    #: ``streaming_imagenet``: the MDS shards (a local folder or an s3://, gs://, oci:// URL) holding train/, val/.
+    remote: str | None = None
+    #: ``streaming_imagenet``: the cache folder shards are copied or downloaded into; null = read a local remote.
+    local: str | None = None
+    #: ``streaming_imagenet``: streaming's shuffle algorithm (py1e, py1br, py1b, py1s, py2s, naive).
+    shuffle_algo: str = "py1e"
+    #: ``streaming_imagenet``: samples per rank downloaded ahead; null = 8 x the per-rank batch.
+    predownload: int | None = None
+    #: ``streaming_imagenet``: most bytes the cache holds (e.g. "200gb"), evicting shards; null = no limit.
+    cache_limit: str | None = None
+    #: ``streaming_imagenet``: hash each shard against its index (sha1, xxh64); null = sizes only.
+    validate_hash: str | None = None
+    #: ``streaming_imagenet``: seconds per shard download before streaming retries.
+    download_timeout: float = 60.0
 
 
 @dataclass

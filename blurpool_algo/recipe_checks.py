@@ -29,7 +29,7 @@ from blurpool_algo import checks
 from blurpool_algo.algorithm import BlurPool
 from blurpool_algo.callbacks import ShiftConsistencyMonitor
 from blurpool_algo.checkpoint_files import CheckpointError, check_checkpoint_file
-from blurpool_algo.data import DataError, DataOptions, DatasetSpec, dataset_spec
+from blurpool_algo.data import DataError, DataOptions, DatasetSpec, StreamingOptions, dataset_spec
 from blurpool_algo.metrics import ConsistencyProtocol
 from blurpool_algo.models import build_model, model_names, unknown_model_message
 from blurpool_algo.surgery import child_name_roots, unmatched_exclude_patterns
@@ -258,7 +258,15 @@ def check_data(recipe: Recipe, world_size: int) -> tuple[DatasetSpec, DataOption
     model has outputs. The spec's errors carry their recipe key."""
     try:
         spec = dataset_spec(recipe.data.name)
-        options = DataOptions(
+        # StreamingOptions is DataOptions plus the shard keys: the other specs read the fields they know.
+        options = StreamingOptions(
+            remote=recipe.data.remote,
+            local=recipe.data.local,
+            shuffle_algo=recipe.data.shuffle_algo,
+            predownload=recipe.data.predownload,
+            cache_limit=recipe.data.cache_limit,
+            validate_hash=recipe.data.validate_hash,
+            download_timeout=recipe.data.download_timeout,
             root=recipe.data.root,
             num_workers=recipe.data.num_workers,
             seed=recipe.seed,

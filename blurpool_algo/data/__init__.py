@@ -19,10 +19,12 @@ Example:
     >>> loader = spec.consistency_loader(options, protocol, batch_size=100)
     >>> next(iter(loader))[0].shape
     torch.Size([100, 3, 44, 44])
-    >>> dataset_spec("cifar10")
+    >>> DATASETS
+    ('imagenet', 'mnist5k', 'streaming_imagenet', 'synthetic')
+    >>> dataset_spec("cifar10")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    blurpool_algo.data.specs.DataError: data.name: must be one of 'imagenet', 'mnist5k', 'synthetic', got 'cifar10'
+    blurpool_algo.data.specs.DataError: data.name: must be one of 'imagenet', 'mnist5k', ..., got 'cifar10'
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from blurpool_algo.data.specs import (
     build_sampler,
     checked,
 )
+from blurpool_algo.data.streaming_imagenet import StreamingImageNetSpec, StreamingOptions
 from blurpool_algo.data.synthetic import SyntheticSpec
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "DataOptions",
     "DatasetSpec",
     "MNIST5k",
+    "StreamingOptions",
     "TooManyBadImagesError",
     "bad_image_count",
     "build_sampler",
@@ -56,7 +60,9 @@ __all__ = [
 ]
 
 #: The registry: adding a dataset is adding its spec here.
-_SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (ImageNetSpec(), MNIST5kSpec(), SyntheticSpec())}
+_SPECS: dict[str, DatasetSpec] = {
+    spec.name: spec for spec in (ImageNetSpec(), MNIST5kSpec(), StreamingImageNetSpec(), SyntheticSpec())
+}
 #: Values of the ``data.name`` recipe key.
 DATASETS: tuple[str, ...] = tuple(_SPECS)
 
