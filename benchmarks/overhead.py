@@ -4,12 +4,14 @@
                                                      # mobilenet_v2
     python benchmarks/overhead.py --models resnet50 --device cuda --batch-size 64 --image-size 224 --compile
     python benchmarks/overhead.py --no-channels-last --json runs/overhead.json
+    python benchmarks/overhead.py --models resnet50 --device cuda --amp --batch-size 128 --image-size 224  # bf16 AMP
 
 Everything runs in one process, the arms interleaved within each repetition, and every figure is the median (and min)
 of ``--repeats`` (at least 5) timings, so that drift on a shared machine hits every arm alike. For each model:
 
 * Whole model: a train step (forward, cross-entropy, backward, SGD step) and an inference forward (eval mode,
-  ``torch.inference_mode``) per arm, and the training memory: on CPU, the bytes of activations autograd saves for the
+  ``torch.inference_mode``) per arm (under bf16 autocast with ``--amp``, as mixed-precision training runs), and the
+  training memory: on CPU, the bytes of activations autograd saves for the
   backward (distinct storages, parameters and buffers left out: what the batch adds to the peak); on CUDA, the
   allocator's peak during a train step above what was allocated before it.
 * Per layer: forward + backward of each replaced module (compiled on its own with ``--compile``) on the input the
@@ -131,6 +133,7 @@ class Settings:
     device: str
     channels_last: bool
     compile: bool
+    amp: bool
     inductor_cpu_threads: int | None
     batch_size: int
     image_size: int
@@ -194,26 +197,35 @@ def _prepare(model: nn.Module, settings: Settings, device: torch.device) -> nn.M
     return model
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images, labels) -> Callable[[], None]:
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """bf16 autocast on ``device`` when ``amp`` (bf16 needs no loss scaling), else a disabled context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def _train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, images, labels, amp: bool = False
+) -> Callable[[], None]:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        with autocast(images.device, amp):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()  # outside autocast, as torch's AMP recipe has it: the backward runs in the forward's dtypes
         optimizer.step()
 
     return step
 
 
-def _inference(model: nn.Module, images) -> Callable[[], None]:
+def _inference(model: nn.Module, images, amp: bool = False) -> Callable[[], None]:
     def forward() -> None:
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(images.device, amp):
             model(images)
         model.train()
 
     return forward
 
 
-def saved_activation_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
+def saved_activation_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: bool = False) -> int:
     """Bytes of the distinct storages autograd saves for the backward of one training forward.
 
     Parameters and buffers are left out: they exist whatever the batch. This is what a training step adds to memory on
@@ -229,7 +241,7 @@ def saved_activation_bytes(model: nn.Module, images: torch.Tensor, labels: torch
         return tensor
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast(images.device, amp):
         loss = F.cross_entropy(model(images), labels)
     del loss
     return sum(storages.values())
@@ -257,14 +269,14 @@ def measure_model(name: str, settings: Settings, device: torch.device) -> dict[s
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         # Memory is measured eagerly: saved-tensor hooks see what autograd keeps; a compiled graph keeps the same.
         if device.type == "cuda":
-            step = _train_step(model, optimizer, images, labels)
+            step = _train_step(model, optimizer, images, labels, settings.amp)
             step()
             memory[arm] = cuda_peak_bytes(step, device)
         else:
-            memory[arm] = saved_activation_bytes(model, images, labels)
+            memory[arm] = saved_activation_bytes(model, images, labels, settings.amp)
         runnable = torch.compile(model) if settings.compile else model
-        train_runs[arm] = _train_step(runnable, optimizer, images, labels)
-        inference_runs[arm] = _inference(runnable, images)
+        train_runs[arm] = _train_step(runnable, optimizer, images, labels, settings.amp)
+        inference_runs[arm] = _inference(runnable, images, settings.amp)
     train = interleaved(train_runs, settings.repeats, device)
     inference = interleaved(inference_runs, settings.repeats, device)
     return {
@@ -299,7 +311,9 @@ def _replaced_names(baseline: nn.Module, others: dict[str, nn.Module]) -> list[s
     return [module_name for module_name in baseline_modules if module_name in changed]
 
 
-def _captured_inputs(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+def _captured_inputs(
+    model: nn.Module, names: list[str], images: torch.Tensor, amp: bool = False
+) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
     handles = [
@@ -310,7 +324,7 @@ def _captured_inputs(model: nn.Module, names: list[str], images: torch.Tensor) -
         if layer in modules
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(images.device, amp):  # under AMP the layers see what autocast feeds them
             model(images)
     finally:
         for handle in handles:
@@ -318,25 +332,27 @@ def _captured_inputs(model: nn.Module, names: list[str], images: torch.Tensor) -
     return captured
 
 
-def _layer_run(module: nn.Module, layer_input: torch.Tensor, calls: int) -> Callable[[], None]:
+def _layer_run(module: nn.Module, layer_input: torch.Tensor, calls: int, amp: bool = False) -> Callable[[], None]:
     """``calls`` forward + backward passes of ``module`` on a copy of ``layer_input``, with a fixed output gradient."""
     x = layer_input.clone().requires_grad_(True)
-    with torch.no_grad():
-        output_gradient = torch.randn_like(module(x))  # randn_like keeps the output's memory format
+    with torch.no_grad(), autocast(x.device, amp):
+        output_gradient = torch.randn_like(module(x))  # randn_like keeps the output's memory format (and dtype)
 
     def run() -> None:
         for _ in range(calls):
             for parameter in module.parameters():
                 parameter.grad = None
             x.grad = None
-            module(x).backward(output_gradient)
+            with autocast(x.device, amp):
+                output = module(x)
+            output.backward(output_gradient)
 
     return run
 
 
-def _calls_per_sample(module: nn.Module, layer_input: torch.Tensor, device: torch.device) -> int:
+def _calls_per_sample(module: nn.Module, layer_input: torch.Tensor, device: torch.device, amp: bool = False) -> int:
     """How many passes make one timing sample last about ``SAMPLE_SECONDS`` (one pass is too short to time well)."""
-    run = _layer_run(module, layer_input, 1)
+    run = _layer_run(module, layer_input, 1, amp)
     run()
     single = min(_timed(run, device) for _ in range(3))
     return max(1, round(SAMPLE_SECONDS / max(single, 1e-6)))
@@ -355,8 +371,8 @@ def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[
     names = _replaced_names(baseline, blurred)
     # Each arm's layers get what that arm's own model feeds them: the paper's placement moves subsampling between
     # layers, so its layers see other shapes than the baseline's.
-    inputs = {"original": _captured_inputs(baseline, names, images)}
-    inputs.update({arm: _captured_inputs(model, names, images) for arm, model in blurred.items()})
+    inputs = {"original": _captured_inputs(baseline, names, images, settings.amp)}
+    inputs.update({arm: _captured_inputs(model, names, images, settings.amp) for arm, model in blurred.items()})
     layers = []
     totals = {arm: 0.0 for arm in blurred}
     totals_of_minima = {arm: 0.0 for arm in blurred}
@@ -368,8 +384,8 @@ def measure_layers(name: str, settings: Settings, device: torch.device) -> dict[
                 if getattr(part, "inplace", False):
                     part.inplace = False  # an in-place activation cannot run on the timing's leaf input
         runnables = {key: _maybe_compiled(module, settings) for key, module in candidates.items()}
-        calls = _calls_per_sample(runnables["original"], inputs["original"][layer], device)
-        runs = {key: _layer_run(module, inputs[key][layer], calls) for key, module in runnables.items()}
+        calls = _calls_per_sample(runnables["original"], inputs["original"][layer], device, settings.amp)
+        runs = {key: _layer_run(module, inputs[key][layer], calls, settings.amp) for key, module in runnables.items()}
         timings = {
             key: {k: v / calls if k != "values_ms" else [t / calls for t in v] for k, v in timing.items()}
             for key, timing in interleaved(runs, settings.layer_repeats, device).items()
@@ -552,6 +568,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
     parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=False,
+        help="bf16 autocast around every forward (the inputs the layers are timed on are captured under it too)",
+    )  # fmt: skip
+    parser.add_argument(
         "--inductor-cpu-threads", type=int, default=None,
         help="threads of Inductor's generated CPU kernels (default: Inductor's own); torch 2.7.0 fails to compile "
         "ResNet-50's batch-norm backward on CPU with more than 1",
@@ -571,6 +591,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     arms = args.arms if "baseline" in args.arms else ("baseline", *args.arms)
     settings = Settings(
         models=args.models, arms=arms, device=str(device), channels_last=args.channels_last, compile=args.compile,
+        amp=args.amp,
         inductor_cpu_threads=args.inductor_cpu_threads, batch_size=args.batch_size, image_size=args.image_size,
         repeats=args.repeats, layer_repeats=args.layer_repeats, per_layer=args.per_layer, whole_model=args.whole_model,
     )  # fmt: skip
@@ -596,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{environment['processor']}, {environment['torch_threads']} threads"
         + (f", {environment['gpu']}" if "gpu" in environment else "")
         + f"; torch {environment['torch']}, composer {environment['composer']}; device {settings.device}, "
-        f"channels_last={settings.channels_last}, compile={settings.compile}"
+        f"channels_last={settings.channels_last}, compile={settings.compile}, amp={settings.amp}"
         + (f" (Inductor CPU threads {settings.inductor_cpu_threads})" if settings.inductor_cpu_threads else "")
         + f", batch {settings.batch_size} at "
         f"{settings.image_size} px, repeats {settings.repeats} (layers {settings.layer_repeats})",

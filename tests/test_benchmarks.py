@@ -30,6 +30,7 @@ def _load(name: str):
 
 overhead = _load("overhead")
 blur_kernels = _load("blur_kernels")
+gpu_check = _load("gpu_check")
 _SCRIPTS = {"overhead": overhead, "blur_kernels": blur_kernels}
 
 
@@ -125,7 +126,8 @@ def test_overhead_runs_end_to_end_and_writes_json(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(overhead, "SAMPLE_SECONDS", 0.001)
     out = tmp_path / "overhead.json"
     # One arm of each kind (every arm's surgery is checked on its own below): the run's cost grows with the arms.
-    arms = ("baseline", "ours_first", "composer_first", "ours_paper", "aps_first", "aps_naive")
+    # Composer's arm runs end to end in the GPU check's smoke test (test_gpu_check_smoke_writes_every_part).
+    arms = ("baseline", "ours_first", "ours_paper", "aps_first", "aps_naive")
     argv = ["--models", "resnet18", "--image-size", "32", "--batch-size", "2", "--repeats", "5",
             "--layer-repeats", "5", "--arms", ",".join(arms), "--json", str(out)]  # fmt: skip
     assert overhead.main(argv) == 0
@@ -250,3 +252,66 @@ def test_every_blur_form_computes_the_same_values_and_gradients(filter_size, str
         grad = torch.autograd.grad(form(leaf.float(), filter_size, stride).sum(), leaf)[0]
         expected = torch.autograd.grad(blur_kernels.depthwise(leaf.float(), filter_size, stride).sum(), leaf)[0]
         torch.testing.assert_close(grad, expected, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------------- GPU check
+
+
+def test_gpu_check_without_cuda_exits_2_with_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine: no CUDA seen
+    monkeypatch.setattr(gpu_check, "run", lambda *args: pytest.fail("worked without CUDA"))
+    assert gpu_check.main(["--out", str(tmp_path / "results")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith("gpu_check: CUDA is not available here")
+    assert not (tmp_path / "results").exists()
+
+
+def test_gpu_check_smoke_writes_every_part(tmp_path, capsys):
+    # Every part's code on the CPU at tiny sizes (the compiled overhead is skipped by --smoke, and says so).
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
+    files = {path.name: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
+    assert set(files) == {f"gpu_{part}.json" for part in (*gpu_check.PARTS, "summary")}
+    summary = files["gpu_summary.json"]
+    assert summary["finished"] and summary["smoke"] and summary["numerics_failed"] == 0 and summary["total_s"] > 0
+    assert {part: entry["status"] for part, entry in summary["parts"].items()} == {
+        "numerics": "done", "overhead": "done", "throughput": "done", "overhead_compiled": "skipped"
+    }  # fmt: skip
+    assert {"torch", "cuda", "device"} <= set(summary["environment"])
+    numerics = files["gpu_numerics.json"]
+    # 7 kinds of 2-D layer in 2 memory formats and 6 of 1-D in one, in fp32 and bf16, each against float64.
+    assert numerics["passed"] == 2 * (7 * 2 + 6) and numerics["failed"] == 0
+    kinds = {check["layer"].split()[0] for check in numerics["checks"]}
+    assert kinds == {name for name in gpu_check.__dict__ if name.startswith("Blur") and name[-2:] in ("1d", "2d")}
+    conv = next(check for check in numerics["checks"] if check["layer"] == "BlurConv2d 3x3 blur_first")
+    assert set(conv["errors"]) == {"output", "input_grad", "weight_grad", "bias_grad"}
+    assert all(check["output_channels_last"] for check in numerics["checks"] if check["memory_format"] != "contiguous")
+    settings = files["gpu_overhead.json"]["settings"]
+    assert settings["amp"] and settings["channels_last"] and not settings["compile"]
+    result = files["gpu_overhead.json"]["results"]["resnet18"]
+    assert set(result["arms"]) == set(gpu_check.SMOKE_SIZES.arms) == {"baseline", *result["per_layer"]["added_ms"]}
+    assert len(result["per_layer"]["layers"]) == 7  # ResNet-18's stem pool, and 3 strided convs and 3 shortcuts
+    throughput = files["gpu_throughput.json"]["arms"]
+    assert set(throughput) == set(gpu_check.SMOKE_SIZES.arms) and all(
+        arm["images_per_s"] > 0 for arm in throughput.values()
+    )
+    assert "skipped" in files["gpu_overhead_compiled.json"]
+    assert "passed" in capsys.readouterr().out  # the numerics table was printed
+
+
+def test_gpu_check_records_a_budget_skip_and_a_failed_part_and_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_check.SMOKE_ESTIMATES_S, "throughput", 10**6)
+    monkeypatch.setattr(gpu_check, "run_numerics", lambda *args: 1 / 0)
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--parts", "numerics,throughput"]) == 1
+    parts = json.loads((tmp_path / "gpu_summary.json").read_text())["parts"]
+    assert parts["numerics"]["status"] == "failed" and "ZeroDivisionError" in parts["numerics"]["error"]
+    assert parts["throughput"]["status"] == "skipped" and "budget" in parts["throughput"]["reason"]
+    assert "budget" in json.loads((tmp_path / "gpu_throughput.json").read_text())["skipped"]
+
+
+def test_gpu_check_numerics_detect_rounding_when_the_tolerance_is_zero(monkeypatch):
+    # The control: the same check that passes at bf16's tolerance fails when no error is allowed (bf16 rounds).
+    cpu = torch.device("cpu")
+    assert gpu_check.check_layer("BlurConv2d 3x3 blur_after", "bfloat16", True, cpu, 1, 2)["passed"]
+    monkeypatch.setitem(gpu_check.TOLERANCES, "bfloat16", 0.0)
+    assert not gpu_check.check_layer("BlurConv2d 3x3 blur_after", "bfloat16", True, cpu, 1, 2)["passed"]
