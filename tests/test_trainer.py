@@ -18,6 +18,7 @@ from blurpool_algo.callbacks import ShiftConsistencyMonitor, network_of
 from blurpool_algo.layers import BlurConv2d, BlurMaxPool2d
 from blurpool_algo.metrics import shift_consistency
 from blurpool_algo.recipe import load_recipe
+from blurpool_algo.shards import main as shards_main
 from blurpool_algo.trainer import build_trainer, run_recipe
 
 FAST = ["progress_bar=false"]
@@ -101,18 +102,25 @@ def test_same_seed_same_initial_weights_whatever_ran_before_and_no_shared_callba
     assert not torch.equal(first["module.conv1.weight"], other_seed["module.conv1.weight"])
 
 
-def test_two_rank_launcher_run(tmp_path):
+def test_two_rank_launcher_run(imagenet_tree, tmp_path):
     composer = shutil.which("composer", path=os.path.dirname(sys.executable)) or shutil.which("composer")
     assert composer, "Composer's launcher must be installed with the package"
     with socket.socket() as probe:  # a free port for the ranks' rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # Both ranks start from a checkpoint after batch 1, through the checkpoint gate (each rank loads the file).
-    start = build_trainer(load_recipe(QUICKSTART, [*TINY, "max_duration=1ba"]))
+    # The ranks read MDS shards of the ImageNet-shaped tree (12 training images, 4 validation), through a cache
+    # folder as from an object store: 3 batches of 2 per rank and epoch.
+    assert shards_main(["--root", str(imagenet_tree), "--out", str(tmp_path / "shards"), "--no-progress"]) == 0
+    data = ["data.name=streaming_imagenet", f"data.remote={tmp_path / 'shards'}", f"data.local={tmp_path / 'cache'}",
+            "data.image_size=16", "data.num_workers=0", "train_batch_size=4", "eval_batch_size=4",
+            "callbacks.shift_consistency_monitor.crop_size=8", "progress_bar=false"]  # fmt: skip
+    # Both ranks start from a checkpoint after batch 1 of one rank, through the checkpoint gate (each rank loads the
+    # file), mid-epoch: streaming resumes the epoch's sample order on the new world size.
+    start = build_trainer(load_recipe(QUICKSTART, [*data, "max_duration=1ba", f"data.local={tmp_path / 'cache1'}"]))
     start.fit()
     start.save_checkpoint(str(tmp_path / "start.pt"))
     result = subprocess.run(
-        [composer, "-n", "2", "--master_port", str(port), "run.py", "-f", str(QUICKSTART), *TINY,
+        [composer, "-n", "2", "--master_port", str(port), "run.py", "-f", str(QUICKSTART), *data,
          "max_duration=3ba", f"load_path={tmp_path / 'start.pt'}", "--diagonal-stability",
          "--summary-json", str(tmp_path / "summary.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -120,11 +128,13 @@ def test_two_rank_launcher_run(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summaries = [line for line in result.stdout.splitlines() if line.startswith("summary:")]
     assert len(summaries) == 1, result.stdout[-3000:]
-    # Rank 0 wrote the summary, with a diagonal curve measured on both ranks over all 16 validation images.
+    # Rank 0 wrote the summary, with a diagonal curve measured on both ranks over all 4 validation images.
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stability"]["num_images"] == 16 and len(summary["stability"]["offsets"]) == 9
+    assert summary["stability"]["num_images"] == 4 and len(summary["stability"]["offsets"]) == 9
     # Batches 2 and 3 trained (the first of them left out of the timing as warm-up), not all three: it resumed.
     assert summary["throughput"]["num_batches"] == 1
+    # Each rank downloaded the shards into the cache (the local leader copies, the other waits for it).
+    assert (tmp_path / "cache" / "train" / "index.json").is_file()
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "multistep"])
