@@ -18,7 +18,8 @@ The parts, in this order, each writing one JSON into ``--out`` as soon as it end
 * ``throughput`` (``gpu_throughput.json``): a synthetic-ImageNet training loop (random 224 px images on the device,
   SGD with momentum, bf16 AMP, channels_last) per arm, warm-up excluded; images/s of each timed round, interleaved.
 * ``overhead_compiled`` (``gpu_overhead_compiled.json``): the overhead benchmark again with ``torch.compile``, for
-  the baseline and the ``blur_first=True`` arms (compiling costs minutes; it runs last).
+  the baseline and the ``blur_first=True`` arms (compiling costs minutes; it runs last, in a child process that is
+  killed when the budget is spent).
 
 ``gpu_summary.json`` holds the device, the torch/CUDA/cuDNN versions, each part's status (``done``, ``skipped`` with
 the reason, ``failed`` with the error) and seconds, and the total wall time; it is rewritten after every part, so a
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -76,6 +78,7 @@ TOLERANCES = {"float32": 1e-5, "bfloat16": 8 * 2.0**-8, "float16": 8 * 2.0**-11}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARMS = ("baseline", "ours_first", "ours_after", "composer_first", "composer_after")
 COMPILED_ARMS = ("baseline", "ours_first", "composer_first")
+OVERHEAD_SCRIPT = Path(__file__).resolve().parent / "overhead.py"
 
 
 @dataclass(frozen=True)
@@ -229,13 +232,21 @@ def overhead_argv(device: torch.device, sizes: Sizes, compiled: bool, json_path:
     return [*argv, "--compile"] if compiled else argv
 
 
-def run_overhead(device: torch.device, sizes: Sizes, compiled: bool, json_path: Path, smoke: bool) -> None:
-    """Runs the overhead benchmark in this process; it writes ``json_path`` itself."""
+def run_overhead(
+    device: torch.device, sizes: Sizes, compiled: bool, json_path: Path, smoke: bool, timeout_s: float | None = None
+) -> None:
+    """Runs the overhead benchmark, which writes ``json_path`` itself: in this process, or with ``timeout_s`` in a
+    child process killed when the time is up (the compiled run: compile times cannot be bounded from inside)."""
+    argv = overhead_argv(device, sizes, compiled, json_path)
+    if timeout_s is not None:
+        # TimeoutExpired or CalledProcessError when it fails: the driver records the part as failed and goes on.
+        subprocess.run([sys.executable, str(OVERHEAD_SCRIPT), *argv], check=True, timeout=timeout_s)
+        return
     saved = overhead.SAMPLE_SECONDS
     if smoke:
         overhead.SAMPLE_SECONDS = 0.001  # one call per timing sample at the tiny sizes: the logic, not the figures
     try:
-        overhead.main(overhead_argv(device, sizes, compiled, json_path))
+        overhead.main(argv)
     finally:
         overhead.SAMPLE_SECONDS = saved
 
@@ -358,7 +369,8 @@ def run(out: Path, smoke: bool, budget_s: float, parts: Sequence[str]) -> int:
                 for arm, figures in result["arms"].items():
                     print(f"  {arm:<16}{figures['images_per_s']:>10.1f} images/s ({figures['ratio_to_baseline']:.3f}x)")
             else:
-                run_overhead(device, sizes, part == "overhead_compiled", path, smoke)
+                compiled = part == "overhead_compiled"
+                run_overhead(device, sizes, compiled, path, smoke, timeout_s=left if compiled else None)
             summary["parts"][part] = {"status": "done", "file": path.name}
         except Exception as error:  # recorded, and the next part still runs: one failure must not lose the rest
             traceback.print_exc()

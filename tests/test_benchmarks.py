@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -315,3 +316,21 @@ def test_gpu_check_numerics_detect_rounding_when_the_tolerance_is_zero(monkeypat
     assert gpu_check.check_layer("BlurConv2d 3x3 blur_after", "bfloat16", True, cpu, 1, 2)["passed"]
     monkeypatch.setitem(gpu_check.TOLERANCES, "bfloat16", 0.0)
     assert not gpu_check.check_layer("BlurConv2d 3x3 blur_after", "bfloat16", True, cpu, 1, 2)["passed"]
+
+
+def test_gpu_check_kills_an_overrunning_child_run(tmp_path, monkeypatch):
+    # The compiled run goes to a child process with the budget left as its timeout; a stand-in script that writes its
+    # --json shows the arguments arrive, one that sleeps shows the kill.
+    script = tmp_path / "stand_in.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "if '--compile' in sys.argv: time.sleep(60)\n"
+        "open(sys.argv[sys.argv.index('--json') + 1], 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
+    monkeypatch.setattr(gpu_check, "OVERHEAD_SCRIPT", script)
+    cpu, sizes, out = torch.device("cpu"), gpu_check.SMOKE_SIZES, tmp_path / "out.json"
+    gpu_check.run_overhead(cpu, sizes, False, out, True, timeout_s=30)
+    assert json.loads(out.read_text()) == gpu_check.overhead_argv(cpu, sizes, False, out)
+    with pytest.raises(subprocess.TimeoutExpired):
+        gpu_check.run_overhead(cpu, sizes, True, tmp_path / "never.json", True, timeout_s=1)
+    assert not (tmp_path / "never.json").exists()
