@@ -105,8 +105,9 @@ class StreamingOptions(DataOptions):
 
 
 def _is_size(text: str) -> bool:
-    number = text.lower().rstrip("b").rstrip("kmgtp")
-    return text.lower().endswith(("b", "k", "m", "g", "t")) and number.replace(".", "", 1).isdigit()
+    """Bytes as streaming reads them: digits (a YAML int arrives as a string here), or a number and a unit (500gb)."""
+    number = text.lower().removesuffix("b").rstrip("kmgtp")
+    return bool(number) and number.replace(".", "", 1).isdigit()
 
 
 # ------------------------------------------------------------------------------------------------- the datasets
