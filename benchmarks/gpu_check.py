@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import platform
 import statistics
 import subprocess
 import sys
@@ -42,8 +43,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import composer
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from blurpool_algo.checks import check_int
@@ -322,7 +325,10 @@ def run_throughput(device: torch.device, sizes: Sizes) -> dict[str, Any]:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda}
+    env: dict[str, Any] = {
+        "device": str(device), "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "composer": composer.__version__, "cuda": torch.version.cuda,
+    }  # fmt: skip
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cudnn"] = torch.backends.cudnn.version()
