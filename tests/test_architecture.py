@@ -4,6 +4,9 @@ page that names every module. Read from the source with ``ast`` (nothing is impo
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,29 @@ def test_architecture_page_names_every_module():
         if written not in page:
             missing.append(f"blurpool_algo/{name} ({written})")
     assert not missing, f"docs/architecture.md does not name {missing}"
+
+
+def test_the_layers_surgery_and_metrics_run_where_composer_is_not_installed():
+    # A machine with torch only (an export or inference box, a lent GPU) must be able to use what DESIGN.md calls
+    # Composer-free: importing them must not import the package's Composer modules through blurpool_algo/__init__.
+    # Composer is made unimportable in a fresh interpreter; the Composer names fail only when asked for.
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["composer"] = None  # `import composer` now raises ImportError
+        import torch
+        from blurpool_algo import BlurPool2d, apply_blurpool, shift_consistency
+        from blurpool_algo.layers import BlurMaxPool1d
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.MaxPool2d(2))
+        assert apply_blurpool(net).num_replaced == 2
+        assert BlurPool2d(8)(torch.ones(1, 8, 5, 5)).shape == (1, 8, 3, 3)
+        assert BlurMaxPool1d(3, 2)(torch.ones(1, 2, 9)).shape == (1, 2, 4)
+        try:
+            from blurpool_algo import BlurPool
+        except ImportError as error:
+            print("refused:", error)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused:" in result.stdout and "composer" in result.stdout
