@@ -47,11 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import composer
 import torch
 import torch.nn.functional as F
 import torchvision
-from composer.algorithms.blurpool import apply_blurpool as composer_apply_blurpool
 from torch import nn
 
 from blurpool_algo import BlurConv2d, apply_blurpool
@@ -60,6 +58,12 @@ from blurpool_algo.files import write_json_atomically
 from blurpool_algo.layers import choose_phase, select_phase
 from blurpool_algo.layers.blur import blur_subsample
 from blurpool_algo.models import build_model, model_names, unknown_model_message
+
+try:  # Composer's arms; a machine with torch only (the lent GPU machine has no Composer) measures the others
+    import composer
+    from composer.algorithms.blurpool import apply_blurpool as composer_apply_blurpool
+except ImportError:
+    composer = None
 
 ARMS: dict[str, str] = {
     "baseline": "torchvision's model, no anti-aliasing",
@@ -74,6 +78,8 @@ ARMS: dict[str, str] = {
     "aps_after": "blurpool_algo.apply_blurpool(sampling='adaptive', blur_first=False)",
     "aps_circular": "aps_first with circular_padding=True (every conv and pool pads circularly)",
 }
+#: The arms this machine can run: Composer's need Composer installed.
+AVAILABLE_ARMS: tuple[str, ...] = tuple(arm for arm in ARMS if composer is not None or not arm.startswith("composer"))
 DEFAULT_MODELS = ("resnet50", "resnet18", "mobilenet_v2")
 MIN_REPEATS = 5
 MIN_IMAGE_SIZE = 32
@@ -495,7 +501,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "composer": composer.__version__,
+        "composer": composer.__version__ if composer is not None else None,
         "machine": platform.machine(),
         "processor": _cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -547,6 +553,8 @@ def check_options(args: argparse.Namespace) -> torch.device:
         raise fail("--arms", f"a comma-separated list from {', '.join(ARMS)}", "")
     for arm in args.arms:
         check_choice("--arms", arm, tuple(ARMS))
+        if arm not in AVAILABLE_ARMS:
+            raise fail("--arms", f"one of {', '.join(AVAILABLE_ARMS)}", arm, hint="Composer is not installed here")
     for flag, value in (("--repeats", args.repeats), ("--layer-repeats", args.layer_repeats)):
         check_int(flag, value, minimum=MIN_REPEATS, hint="medians of fewer are noise")
     check_int("--batch-size", args.batch_size, minimum=1)
@@ -563,7 +571,9 @@ def check_options(args: argparse.Namespace) -> torch.device:
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=_csv, default=DEFAULT_MODELS, help="comma-separated torchvision model names")
-    parser.add_argument("--arms", type=_csv, default=tuple(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    parser.add_argument(
+        "--arms", type=_csv, default=AVAILABLE_ARMS, help=f"comma-separated, from {', '.join(AVAILABLE_ARMS)}"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
