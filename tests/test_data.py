@@ -894,12 +894,14 @@ def test_consistency_loader_refuses_images_that_cannot_hold_the_window(name, sid
 
 
 def test_the_registry_holds_one_spec_per_name():
-    assert DATASETS == ("imagenet", "mnist5k", "synthetic")
+    assert DATASETS == ("imagenet", "mnist5k", "streaming_imagenet", "synthetic")
     assert [dataset_spec(name).name for name in DATASETS] == list(DATASETS)
     with pytest.raises(DataError) as excinfo:
         dataset_spec("cifar10")
     assert excinfo.value.key == "data.name"
-    assert excinfo.value.message == "must be one of 'imagenet', 'mnist5k', 'synthetic', got 'cifar10'"
+    assert excinfo.value.message == (
+        "must be one of 'imagenet', 'mnist5k', 'streaming_imagenet', 'synthetic', got 'cifar10'"
+    )
 
 
 def test_data_error_carries_its_key_apart_and_survives_pickling():
