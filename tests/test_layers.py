@@ -1249,3 +1249,132 @@ def test_extra_repr_names_the_blur(kind):
     text = repr(make_layer(kind, pad_mode="reflect", filter_size=4))
     assert "filter_size=4" in text
     assert "pad_mode='reflect'" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused max-blur (layers/maxblur.py): what torch.compile runs for BlurMaxPool2d
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (kernel, stride, padding, dilation, ceil_mode, filter_size): ResNet's stem first, then ceil_mode's partial windows,
+# an unpadded even kernel, dilation, a rectangular kernel and stride, a wide kernel.
+FUSED_GEOMETRIES = [
+    (3, 2, 1, 1, False, 3),
+    (3, 2, 1, 1, True, 3),
+    (2, 2, 0, 1, True, 3),
+    (3, 3, 1, 2, True, 5),
+    ((2, 3), (1, 2), (1, 1), 1, False, 3),
+    (5, 3, 2, 1, True, 3),
+]
+
+
+def _tie_heavy_inputs(size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Inputs whose windows tie: a ReLU'd map (zeros everywhere), a few quantized levels, -inf rows and NaNs; and
+    distinct float64 values."""
+    base = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[0] * 31 + size[1]))
+    special = base.relu()
+    special[0, 0] = float("-inf")  # whole windows of -inf: the gradient goes to the first real element
+    special[1, 1, :: max(1, size[0] - 1), ::2] = float("nan")  # two NaNs in a window: the last one wins
+    return {
+        "relu": base.relu(),
+        "quantized": (base * 2).round().clamp(-1, 2),
+        "inf_nan": special,
+        "float64": base.double(),
+    }
+
+
+@pytest.mark.parametrize("geometry", FUSED_GEOMETRIES, ids=str)
+def test_fused_max_blur_equals_the_layer_bit_for_bit(geometry):
+    kernel, stride, padding, dilation, ceil_mode, filter_size = geometry
+    layer = BlurMaxPool2d(kernel, stride, padding, dilation, ceil_mode, filter_size=filter_size)
+    assert layer.fused
+    for size, (name, x), channels_last in itertools.product(
+        [(7, 9), (2, 3)], _tie_heavy_inputs((7, 9)).items(), (False, True)
+    ):
+        x = _tie_heavy_inputs(size)[name]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        layer.to(x.dtype)
+        plain, fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected, out = layer(plain), layer._fused(fused)  # eager: forward is the max_pool2d + conv formulation
+        grad = torch.randn(expected.shape, dtype=x.dtype)
+        expected.backward(grad)
+        out.backward(grad)
+        case = f"{size} {name} channels_last={channels_last}"
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True, msg=case)
+        torch.testing.assert_close(fused.grad, plain.grad, rtol=0, atol=0, equal_nan=True, msg=case)
+
+
+def test_fused_max_blur_ties_need_its_routing():
+    """The control: torch.maximum's own gradient splits a tie between its elements, so the same stencil without the
+    first-maximum routing gives ReLU maps another gradient than the layer's."""
+    layer = BlurMaxPool2d(3, 2, 1)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).relu()
+    plain, naive = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(plain).sum().backward()
+    padded = F.pad(naive, [1, 1, 1, 1], value=float("-inf"))
+    dense = _maximum_of([padded[:, :, a : a + 8, b : b + 8] for a in range(3) for b in range(3)])
+    F.conv2d(dense, layer.blur_filter.expand(3, 1, 3, 3), stride=2, padding=1, groups=3).sum().backward()
+    assert not torch.equal(naive.grad, plain.grad)
+    torch.testing.assert_close(naive.grad.sum(), plain.grad.sum())  # the same total, routed elsewhere
+
+
+def _maximum_of(maps: list[torch.Tensor]) -> torch.Tensor:
+    out = maps[0]
+    for other in maps[1:]:
+        out = torch.maximum(out, other)
+    return out
+
+
+def test_fused_max_blur_gradcheck():
+    layer = BlurMaxPool2d(3, 2, 1, ceil_mode=True).double()
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(layer._fused, (x,))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: BlurMaxPool2d(3, 2, 1, filter_size=1),  # the plain pool itself
+        lambda: BlurMaxPool2d(3, 2, 1, filter_size=4),  # an even filter pads asymmetrically
+        lambda: BlurMaxPool2d(3, 2, 1, pad_mode="reflect"),
+        lambda: BlurMaxPool2d(3, 2, 1, sampling="adaptive"),
+        lambda: BlurMaxPool2d(3, 2, 1, padding_mode="circular"),
+        lambda: BlurAvgPool2d(3, 2, 1),
+    ],
+    ids=["filter_size=1", "filter_size=4", "reflect", "adaptive", "circular", "avgpool"],
+)
+def test_fused_max_blur_falls_back_where_it_is_not_exact(build):
+    layer = build()
+    assert not layer.fused
+    torch._dynamo.reset()
+    graphs = []
+    compiled = torch.compile(layer, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)
+    x = torch.randn(1, 2, 7, 6)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+    assert "max_pool" in str(graphs[0].graph) or "avg_pool" in str(graphs[0].graph)
+
+
+def test_compiled_max_pool_takes_the_fused_path():
+    """Under torch.compile the stem's pool is the stencil (no max_pool2d in the graph) and still equals eager, ties
+    and gradients included, through AOTAutograd's partitioner (aot_eager: no C++ compile)."""
+    layer = BlurMaxPool2d.from_maxpool(nn.MaxPool2d(3, 2, 1))
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(2)).relu()
+    x = x.contiguous(memory_format=torch.channels_last)
+    plain, fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(2, 3, 5, 4)
+    layer(plain).backward(grad)
+    out = compiled(fused)
+    out.backward(grad)
+    # With a grad-requiring input, dynamo keeps the Function's forward and backward as subgraphs.
+    code = "\n".join(str(module.graph) for module in graphs[0].modules() if isinstance(module, torch.fx.GraphModule))
+    assert "max_pool" not in code and "maximum" in code and "convolution_backward" in code
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=0, atol=0)

@@ -16,6 +16,7 @@ from torch.nn.modules.utils import _ntuple
 
 from blurpool_algo.checks import check_choice, fail
 from blurpool_algo.layers.blur import OptionalFilterOnLoad, blur_sample, check_stride, sampling_repr, setup_blur
+from blurpool_algo.layers.maxblur import fused_max_blur_applies, fused_max_blur_wanted, max_blur_sample
 from blurpool_algo.layers.sampling import pad_map
 
 __all__ = ["POOL_PADDING_MODES", "BlurAvgPool2d", "BlurAvgPoolNd", "BlurMaxPool2d", "BlurMaxPoolNd"]
@@ -103,6 +104,11 @@ class _BlurringPool(OptionalFilterOnLoad):
     ``'circular'`` wraps the map around first, ``ceil_mode`` extends it (:meth:`_extend`)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():  # noqa: SIM102 (alone in its if, TorchScript skips the block)
+            # TorchScript never compiles this block; under torch.compile the max pool takes the stencil that keeps
+            # no stride-1 max and no indices (layers/maxblur.py), where it computes the same values.
+            if getattr(self, "fused", False) and fused_max_blur_wanted():
+                return self._fused(input)
         if self.plain:
             return self._pool(input, self.geometry[1], self.geometry[2], self.ceil_mode)
         if self.padding_mode == "circular":
@@ -115,6 +121,9 @@ class _BlurringPool(OptionalFilterOnLoad):
         return blur_sample(dense, self.blur_filter, self.blur_stride, self.blur_pads, self.pad_mode, self.sampling)
 
     def _pool(self, x: Tensor, stride: list[int], padding: list[int], ceil_mode: bool) -> Tensor:
+        raise NotImplementedError
+
+    def _fused(self, input: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _extend(self, x: Tensor) -> Tensor:
@@ -146,6 +155,9 @@ class BlurMaxPoolNd(_BlurringPool):
     ) -> None:
         super().__init__(kernel_size, stride, padding, dilation, return_indices=False, ceil_mode=ceil_mode)
         _setup_pool(self, filter_size, pad_mode, device, dtype, sampling, padding_mode)
+        self.fused = not self.plain and fused_max_blur_applies(
+            self.blur_dims, self.sampling, self.padding_mode, self.pad_mode, self.blur_pads
+        )
 
     @classmethod
     def from_maxpool(
@@ -175,6 +187,12 @@ class BlurMaxPoolNd(_BlurringPool):
         if len(kernel) == 1:
             return F.max_pool1d(x, kernel, stride, padding, dilation, ceil_mode)
         return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+
+    @torch.jit.unused
+    def _fused(self, input: Tensor) -> Tensor:
+        x = self._extend(input) if self.ceil_mode else input
+        kernel, padding, dilation = self.geometry[0], self.geometry[2], self.geometry[3]
+        return max_blur_sample(x, self.blur_filter, kernel, padding, dilation, self.blur_stride, self.blur_pads)
 
     def _extend(self, x: Tensor) -> Tensor:
         # -inf never wins a max: the extended windows are exactly ceil_mode's partial windows.
@@ -229,6 +247,7 @@ class BlurAvgPoolNd(_BlurringPool):
         super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, *extra)
         self.divisor_override = divisor_override
         _setup_pool(self, filter_size, pad_mode, device, dtype, sampling, padding_mode)
+        self.fused = False  # an average is linear: the stride-1 pool has no indices to save
 
     @classmethod
     def from_avgpool(
