@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from blurpool_algo import apply_blurpool
-from blurpool_algo.data import DATASETS, DataOptions, dataset_spec
+from blurpool_algo.data import DATASETS, StreamingOptions, dataset_spec
 from blurpool_algo.files import write_json_atomically
 from blurpool_algo.metrics import diagonal_stability, shift_consistency
 from blurpool_algo.models import build_model
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet10")
     parser.add_argument("--data", choices=DATASETS, default="mnist5k")
-    parser.add_argument("--root", help="the dataset folder (imagenet)")
+    parser.add_argument("--root", help="the dataset folder (imagenet), or the shards (streaming_imagenet: data.remote)")
     parser.add_argument("--image-size", type=int, help="data.image_size (synthetic: the side of its images)")
     parser.add_argument("--images", type=int, default=1000, help="synthetic images")
     parser.add_argument("--crop-size", type=int, help="default: the dataset's")
@@ -57,7 +57,10 @@ def main() -> None:
     torch.manual_seed(0)
     spec = dataset_spec(args.data)
     # synthetic evaluates on half its training samples: twice --images gives --images to measure on.
-    options = DataOptions(root=args.root, synthetic_samples=2 * args.images, image_size=args.image_size)
+    # The options a recipe's data section builds (the shard keys included; other datasets ignore them).
+    options = StreamingOptions(
+        root=args.root, remote=args.root, synthetic_samples=2 * args.images, image_size=args.image_size
+    )
     protocol = spec.consistency_protocol(options, max_shift=args.max_shift, crop_size=args.crop_size)
     loader = spec.consistency_loader(options, protocol, batch_size=args.batch_size)
     model = build_model(args.model, num_classes=10)

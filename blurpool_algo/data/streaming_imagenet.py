@@ -37,10 +37,9 @@ from PIL import Image
 from streaming import StreamingDataset
 from streaming.base.hashing import get_hash
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
 from blurpool_algo.checks import check_choice, check_float, check_int
-from blurpool_algo.data.imagenet import _normalized
+from blurpool_algo.data.imagenet import consistency_transform, eval_transform, train_transform
 from blurpool_algo.data.specs import DataError, DataOptions, DatasetSpec, build_sampler, checked
 from blurpool_algo.metrics.protocol import PAPER_CROP_SIZE, PAPER_MAX_SHIFT
 
@@ -197,13 +196,6 @@ def _check_split(folder: Path, validate_hash: str | None) -> None:
                 raise DataError("data.remote", f"shard {path} does not match its {validate_hash} hash in {index_file}")
 
 
-def _transforms(size: int) -> tuple[transforms.Compose, transforms.Compose]:
-    """The ImageFolder spec's training and evaluation transforms at ``size`` (RandomResizedCrop + flip; the 256/224
-    resize and centre crop)."""
-    train = _normalized(transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip())
-    return train, _normalized(transforms.Resize(round(256 * size / 224)), transforms.CenterCrop(size))
-
-
 # -------------------------------------------------------------------------------------------------------- spec
 
 #: The val shards of this process, one per place: streaming refuses a second live dataset on a cache folder that a
@@ -269,12 +261,12 @@ class StreamingImageNetSpec(DatasetSpec):
         return self._datasets(_options(options), train_batch_size=None)
 
     def _datasets(self, options: StreamingOptions, *, train_batch_size: int | None) -> tuple[Dataset, Dataset]:
-        train_transform, eval_transform = _transforms(self.image_size(options))
+        size = self.image_size(options)
         train = self._stream(
-            options, "train", transform=train_transform, shuffle=True, shuffle_seed=options.seed,
+            options, "train", transform=train_transform(size), shuffle=True, shuffle_seed=options.seed,
             shuffle_algo=options.shuffle_algo, batch_size=train_batch_size,
         )  # fmt: skip
-        return train, _ByIndex(self._val(options), eval_transform)
+        return train, _ByIndex(self._val(options), eval_transform(size))
 
     def loaders(
         self, options: DataOptions, *, train_batch_size: int, eval_batch_size: int
@@ -302,5 +294,4 @@ class StreamingImageNetSpec(DatasetSpec):
 
     def consistency_dataset(self, options: DataOptions, side: int, *, batch_size: int) -> Dataset:
         shard_options = _options(options)
-        transform = _normalized(transforms.Resize(side), transforms.CenterCrop(side))
-        return _ByIndex(self._val(shard_options), transform)
+        return _ByIndex(self._val(shard_options), consistency_transform(side))
