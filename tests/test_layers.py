@@ -1378,3 +1378,21 @@ def test_compiled_max_pool_takes_the_fused_path():
     assert "max_pool" not in code and "maximum" in code and "convolution_backward" in code
     torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
     torch.testing.assert_close(fused.grad, plain.grad, rtol=0, atol=0)
+
+
+def test_compiled_max_pool_in_eval_mode_keeps_the_plain_path():
+    # Eval mode has no backward to save for, and torch.export (which torch 2.7 reports as compiling) feeds PT2E
+    # quantization, whose export_for_training cannot trace the stencil's autograd.Function: the plain pool there.
+    layer = BlurMaxPool2d.from_maxpool(nn.MaxPool2d(3, 2, 1)).eval()
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(3)).relu()
+    out = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    assert "max_pool2d" in str(graphs[0].graph)
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    torch._dynamo.reset()

@@ -105,9 +105,11 @@ class _BlurringPool(OptionalFilterOnLoad):
 
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # noqa: SIM102 (alone in its if, TorchScript skips the block)
-            # TorchScript never compiles this block; under torch.compile the max pool takes the stencil that keeps
-            # no stride-1 max and no indices (layers/maxblur.py), where it computes the same values.
-            if getattr(self, "fused", False) and fused_max_blur_wanted():
+            # TorchScript never compiles this block; under torch.compile a training max pool takes the stencil that
+            # keeps no stride-1 max and no indices for the backward (layers/maxblur.py), where it computes the same
+            # values. Not in eval mode: there is no backward to save for, and torch 2.7 reports torch.export as
+            # compiling, whose export_for_training (PT2E quantization) cannot trace the stencil's autograd.Function.
+            if getattr(self, "fused", False) and self.training and fused_max_blur_wanted():
                 return self._fused(input)
         if self.plain:
             return self._pool(input, self.geometry[1], self.geometry[2], self.ceil_mode)
