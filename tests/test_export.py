@@ -44,12 +44,9 @@ def combo_id(combo: tuple[str, dict]) -> str:
 
 
 COMBO_IDS = [combo_id(c) for c in COMBOS]
-#: The slower exports run ResNet-50 with the defaults only; ResNet-18 covers the other options.
-LIGHT = [i for i, (arch, options) in enumerate(COMBOS) if arch == "resnet18" or not options]
-LIGHT_COMBOS, LIGHT_IDS = [COMBOS[i] for i in LIGHT], [COMBO_IDS[i] for i in LIGHT]
-#: Compiling and scripting a whole model costs seconds: the defaults (Bottleneck blocks), blur after the conv with
-#: circular padding, and adaptive sampling with circular padding. Every layer kind in every pad mode is compiled and
-#: scripted on its own in tests/test_layers.py.
+#: Compiling, scripting and exporting a whole model to ONNX costs seconds: the defaults (Bottleneck blocks), blur after
+#: the conv with circular padding, and adaptive sampling with circular padding. Every layer kind in every pad mode is
+#: scripted and exported on its own in tests/test_layers.py.
 WHOLE_MODEL = [0, 5, 7]
 WHOLE_MODEL_COMBOS, WHOLE_MODEL_IDS = [COMBOS[i] for i in WHOLE_MODEL], [COMBO_IDS[i] for i in WHOLE_MODEL]
 
@@ -151,7 +148,7 @@ def test_fx_symbolic_trace_matches_eager(arch: str, options: dict) -> None:
 # ------------------------------------------------------------------------------------------------------------ ONNX
 
 
-@pytest.mark.parametrize(("arch", "options"), LIGHT_COMBOS, ids=LIGHT_IDS)
+@pytest.mark.parametrize(("arch", "options"), WHOLE_MODEL_COMBOS, ids=WHOLE_MODEL_IDS)
 def test_onnx_dynamic_axes(arch: str, options: dict) -> None:
     model, _ = blurred(arch, options)
     buffer = io.BytesIO()
