@@ -13,8 +13,9 @@ gradients equal the layer's eager ones (bit for bit on this CPU, tested in ``tes
 partitioner may still choose to compute the routing (an int32 map) in the forward and save it instead of the input.
 
 In eager mode this is many passes over the map and several times slower than PyTorch's pooling kernel, so the layer
-takes it only while ``torch.compile`` (or ``torch.export``) traces it (:func:`fused_max_blur_wanted`); TorchScript,
-``torch.fx`` and ONNX keep the plain formulation.
+takes it only in training mode while ``torch.compile`` traces it (:func:`fused_max_blur_wanted`; eval mode, where
+``torch.export`` and PT2E trace, has no backward to save for); TorchScript, ``torch.fx`` and ONNX keep the plain
+formulation.
 """
 
 from __future__ import annotations
